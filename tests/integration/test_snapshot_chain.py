@@ -1,0 +1,119 @@
+"""Live snapshots on a real VM: the four views of a chain agree, and guest
+writes made before and after each snapshot read back from the final chain."""
+from __future__ import annotations
+
+import os
+import uuid
+
+from vmhost.ids import BLANK_UUID
+from vmhost.storage import qemu_img
+from vmhost.storage.metadata import VolumeMetadata
+from vmhost.virt import guestio
+
+MiB = 1 << 20
+
+
+def metadata_chain(image_dir: str, leaf: str) -> list[str]:
+    """Walk PUUID pointers in the .meta files themselves, leaf to base."""
+    chain, vol = [], leaf
+    while vol != BLANK_UUID:
+        with open(os.path.join(image_dir, vol + ".meta"), "rb") as f:
+            md = VolumeMetadata.parse(f.read())
+        chain.append(vol)
+        vol = md.parent
+    return chain[::-1]
+
+
+def qemu_chain(leaf_path: str) -> list[str]:
+    infos = qemu_img.info(leaf_path, backing_chain=True)
+    return [os.path.basename(i["filename"]) for i in reversed(infos)]
+
+
+def assert_four_views(env, vm: str, img: str, drive: str = "vda") -> list[str]:
+    agent = env.agent_chain(vm, img)
+    live = env.live_chain(vm, drive)
+    leaf_path = os.path.join(env.image_dir(img), agent[-1])
+    assert live == agent, "libvirt live XML vs Host.getVMFullList"
+    assert qemu_chain(leaf_path) == agent, "qemu-img info --backing-chain vs agent"
+    assert metadata_chain(env.image_dir(img), agent[-1]) == agent, "metadata parents vs agent"
+    return agent
+
+
+def test_two_snapshots_four_views_agree_and_data_reads_back(env):
+    img = str(uuid.uuid4())
+    base = env.create_volume(img)
+    vm = env.create_vm([(img, base)])
+    dom = env.dom(vm)
+    guestio.write(dom, "vda", 0x11, 0, MiB)
+    mid = env.snapshot(vm, img, base)
+    guestio.write(dom, "vda", 0x22, MiB, MiB)
+    guestio.write(dom, "vda", 0x2a, 0, 64 * 1024)        # overwrite part of base's data
+    top = env.snapshot(vm, img, mid)
+    guestio.write(dom, "vda", 0x33, 2 * MiB, MiB)
+
+    assert assert_four_views(env, vm, img) == [base, mid, top]
+
+    # Storage metadata: leaf/internal and legality follow the chain.
+    infos = [env.call("Volume.getInfo", storagedomainID=env.sd, imageID=img, volumeID=v)
+             for v in (base, mid, top)]
+    assert [i["voltype"] for i in infos] == ["INTERNAL", "INTERNAL", "LEAF"]
+    assert {i["legality"] for i in infos} == {"LEGAL"}
+    assert [i["parent"] for i in infos] == [BLANK_UUID, base, mid]
+
+    # The qcow2 headers name the backing file relatively: just the parent's UUID.
+    headers = qemu_img.info(os.path.join(env.image_dir(img), top), backing_chain=True)
+    assert [h.get("backing-filename") for h in headers] == [mid, base, None]
+
+    # Live: every write reads back through the running VM.
+    guestio.verify(dom, "vda", 0x2a, 0, 64 * 1024)
+    guestio.verify(dom, "vda", 0x11, 64 * 1024, MiB - 64 * 1024)
+    guestio.verify(dom, "vda", 0x22, MiB, MiB)
+    guestio.verify(dom, "vda", 0x33, 2 * MiB, MiB)
+    guestio.verify(dom, "vda", 0x00, 3 * MiB, MiB)
+
+    # Offline: the same data from the final chain on disk, and each layer holds
+    # exactly what was written while it was the leaf.
+    env.call("VM.destroy", vmID=vm)
+    leaf = os.path.join(env.image_dir(img), top)
+    qemu_img.io(leaf, "read -P 0x2a 0 64k")
+    qemu_img.io(leaf, "read -P 0x11 64k 960k")
+    qemu_img.io(leaf, "read -P 0x22 1M 1M")
+    qemu_img.io(leaf, "read -P 0x33 2M 1M")
+    base_path = os.path.join(env.image_dir(img), base)
+    qemu_img.io(base_path, "read -P 0x11 0 1M")
+    qemu_img.io(base_path, "read -P 0x00 1M 2M")
+
+
+def test_snapshot_of_two_drives_is_atomic_and_per_drive(env):
+    img_a, img_b = str(uuid.uuid4()), str(uuid.uuid4())
+    a0, b0 = env.create_volume(img_a), env.create_volume(img_b)
+    vm = env.create_vm([(img_a, a0), (img_b, b0)])
+    a1 = env.create_volume(img_a, parent=a0)
+    b1 = env.create_volume(img_b, parent=b0)
+    env.call("VM.snapshot", vmID=vm, snapDrives=[
+        {"domainID": env.sd, "imageID": img_a, "baseVolumeID": a0, "volumeID": a1},
+        {"domainID": env.sd, "imageID": img_b, "baseVolumeID": b0, "volumeID": b1}])
+    assert assert_four_views(env, vm, img_a, "vda") == [a0, a1]
+    assert assert_four_views(env, vm, img_b, "vdb") == [b0, b1]
+
+
+def test_failed_snapshot_changes_no_chain(env):
+    """One bad drive fails the whole snapshot: no drive switches (all or none)."""
+    img_a, img_b = str(uuid.uuid4()), str(uuid.uuid4())
+    a0, b0 = env.create_volume(img_a), env.create_volume(img_b)
+    vm = env.create_vm([(img_a, a0), (img_b, b0)])
+    a1 = env.create_volume(img_a, parent=a0)
+    b1 = env.create_volume(img_b, parent=b0)
+    # Make b1 unusable for QEMU behind the agent's back: libvirt must fail.
+    with open(os.path.join(env.image_dir(img_b), b1), "wb") as f:
+        f.write(b"not a qcow2 image")
+    err = None
+    try:
+        env.call("VM.snapshot", vmID=vm, snapDrives=[
+            {"domainID": env.sd, "imageID": img_a, "baseVolumeID": a0, "volumeID": a1},
+            {"domainID": env.sd, "imageID": img_b, "baseVolumeID": b0, "volumeID": b1}])
+    except Exception as e:  # RpcError
+        err = e
+    assert err is not None and getattr(err, "code", None) == 48
+    assert env.agent_chain(vm, img_a) == env.live_chain(vm, "vda") == [a0]
+    assert env.agent_chain(vm, img_b) == env.live_chain(vm, "vdb") == [b0]

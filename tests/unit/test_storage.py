@@ -1,0 +1,157 @@
+"""Storage on a real file domain and real qemu-img (no libvirt needed)."""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from vmhost import errors
+from vmhost.ids import BLANK_UUID
+from vmhost.storage import qemu_img
+from vmhost.storage.metadata import (Legality, MetadataError, VolFormat, VolType,
+                                     VolumeMetadata, parse_format, parse_prealloc)
+from vmhost.storage.service import StorageService
+
+MiB = 1 << 20
+U = lambda: str(uuid.uuid4())  # noqa: E731
+
+
+@pytest.fixture
+def storage(tmp_path):
+    root = tmp_path / "sd"
+    root.mkdir()
+    svc = StorageService(str(tmp_path / "state"))
+    svc.sd = U()
+    svc.root = str(root)
+    svc.create_domain(svc.sd, "localfs", str(root), "unit")
+    yield svc
+    svc.stop()
+
+
+def make_chain(storage, n: int):
+    img, vols = U(), [U() for _ in range(n)]
+    for i, vol in enumerate(vols):
+        storage.create_volume(storage.sd, img, vol, 16 * MiB, "COW",
+                              src_img_uuid=img if i else BLANK_UUID,
+                              src_vol_uuid=vols[i - 1] if i else BLANK_UUID)
+    return img, vols
+
+
+def test_metadata_round_trip_and_torn_file_detection():
+    md = VolumeMetadata(domain=U(), image=U(), volume=U(), parent=BLANK_UUID,
+                        format=VolFormat.COW, voltype=VolType.LEAF, legality=Legality.LEGAL,
+                        capacity=MiB, description="line\nbreak")
+    data = md.dump()
+    assert VolumeMetadata.parse(data) == md.replace(description="line break")
+    with pytest.raises(MetadataError, match="truncated"):
+        VolumeMetadata.parse(data[: len(data) // 2])
+    with pytest.raises(MetadataError, match="lacks key"):
+        VolumeMetadata.parse(b"FORMAT=COW\nEOF\n")
+
+
+def test_vdsm_numeric_codes():
+    assert parse_format(4) is VolFormat.COW and parse_format("RAW") is VolFormat.RAW
+    assert parse_prealloc(2).value == "SPARSE"
+    with pytest.raises(ValueError):
+        parse_format("QCOW3")
+
+
+def test_chain_layout_relative_backing_and_voltypes(storage):
+    img, vols = make_chain(storage, 3)
+    image_dir = os.path.join(storage.root, storage.sd, "images", img)
+    assert sorted(os.listdir(image_dir)) == sorted(vols + [v + ".meta" for v in vols])
+    infos = qemu_img.info(os.path.join(image_dir, vols[2]), backing_chain=True)
+    assert [i.get("backing-filename") for i in infos] == [vols[1], vols[0], None]
+    assert [md.volume for md in storage.volume_chain(storage.sd, img, vols[2])] == vols
+    types = [storage.volume_info(storage.sd, img, v)["voltype"] for v in vols]
+    assert types == ["INTERNAL", "INTERNAL", "LEAF"]
+    info = storage.volume_info(storage.sd, img, vols[1])
+    for key in ("uuid", "domain", "image", "parent", "format", "voltype", "legality",
+                "capacity", "apparentsize", "truesize", "ctime", "description"):
+        assert key in info
+    assert info["parent"] == vols[0] and info["capacity"] == str(16 * MiB)
+
+
+def test_overlay_inherits_larger_parent_capacity_and_refuses_smaller_size(storage):
+    img, base = U(), U()
+    storage.create_volume(storage.sd, img, base, 32 * MiB, "COW")
+    with pytest.raises(errors.InvalidParameter, match="smaller"):
+        storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+
+
+def test_raw_base_with_cow_overlay(storage):
+    img, base, top = U(), U(), U()
+    storage.create_volume(storage.sd, img, base, 8 * MiB, "RAW")
+    storage.create_volume(storage.sd, img, top, 8 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+    prepared = storage.prepare_image(storage.sd, img, top)
+    assert prepared.format == "qcow2"
+    assert [r.volume for r in prepared.chain] == [base, top]
+    assert storage.prepare_image(storage.sd, img, base).format == "raw"
+    infos = qemu_img.info(prepared.chain[-1].path, backing_chain=True)
+    assert infos[0]["backing-filename-format"] == "raw"
+
+
+def test_delete_rules_and_leaf_recheck(storage):
+    img, vols = make_chain(storage, 2)
+    with pytest.raises(errors.VolumeImageHasChildren):
+        storage.delete_volume(storage.sd, img, vols[0])
+    storage.volume_in_use = lambda sd, i, v: v == vols[1]
+    with pytest.raises(errors.VolumeIsBusy):
+        storage.delete_volume(storage.sd, img, vols[1])
+    storage.volume_in_use = lambda sd, i, v: False
+    storage.delete_volume(storage.sd, img, vols[1])
+    assert storage.volume_info(storage.sd, img, vols[0])["voltype"] == "LEAF"
+    storage.delete_volume(storage.sd, img, vols[0])
+    assert not os.path.exists(os.path.join(storage.root, storage.sd, "images", img))
+    with pytest.raises(errors.ImageFileNotFound):
+        storage.volume_info(storage.sd, img, vols[0])
+
+
+def test_prepare_refuses_illegal_unless_allowed(storage):
+    img, vols = make_chain(storage, 2)
+    dom = storage.domain(storage.sd)
+    dom.write_metadata(dom.read_metadata(img, vols[0]).replace(legality=Legality.ILLEGAL))
+    with pytest.raises(errors.PrepareIllegalVolume, match=vols[0]):
+        storage.prepare_image(storage.sd, img, vols[1])
+    assert len(storage.prepare_image(storage.sd, img, vols[1], allow_illegal=True).chain) == 2
+
+
+def test_failed_allocation_leaves_no_volume(storage, monkeypatch):
+    img, vol = U(), U()
+
+    def boom(*a, **kw):
+        raise qemu_img.QemuImgError(["qemu-img", "create"], 1, "disk on fire")
+    monkeypatch.setattr(qemu_img, "create", boom)
+    with pytest.raises(errors.VolumeCreationError, match="disk on fire"):
+        storage.create_volume(storage.sd, img, vol, MiB, "COW")
+    assert storage.list_volumes(storage.sd, img) == []
+
+
+def test_registry_survives_restart_without_touching_storage(storage, tmp_path):
+    again = StorageService(str(tmp_path / "state"))
+    assert again.domain(storage.sd).manifest == storage.domain(storage.sd).manifest
+    assert again.repo_stats()[storage.sd]["valid"] is False  # not checked yet
+
+
+def test_monitor_reports_valid_then_invalid(tmp_path):
+    from vmhost.storage.monitor import DomainMonitor
+    import threading
+    probe = tmp_path / "metadata"
+    probe.write_bytes(b"x" * 4096)
+    events, changed = [], threading.Event()
+
+    def on_change(sd, valid, reason):
+        events.append((valid, reason))
+        changed.set()
+    mon = DomainMonitor("sd", str(probe), interval=0.05, timeout=5, on_change=on_change)
+    mon.start()
+    assert changed.wait(10) and events[0] == (True, "")
+    changed.clear()
+    probe.unlink()
+    assert changed.wait(10)
+    assert events[1][0] is False and "metadata" in events[1][1]
+    assert mon.status.valid is False
+    mon.stop()

@@ -1,0 +1,91 @@
+"""Composition root: builds every part, wires the events, owns start-up order.
+
+Start-up order (VDSM's lesson): the API listens at once and answers code 99
+until VM recovery is done; storage starts on its own (monitors run in their
+own threads and never hold anything up); VM recovery reads libvirt only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import types
+
+import libvirt
+
+from vmhost.api.bridge import build_table
+from vmhost.api.jsonrpc import Dispatcher
+from vmhost.api.schema import load_schema
+from vmhost.api.server import ApiServer
+from vmhost.config import Config
+from vmhost.storage.service import StorageService
+from vmhost.virt.connection import Connection
+from vmhost.virt.host import HostService, detect_virt_type
+from vmhost.virt.service import VmService
+
+log = logging.getLogger(__name__)
+
+LIBVIRT_RETRY_MAX = 5.0  # seconds between attempts to reach libvirtd at start-up
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
+        self.connection = Connection(config.libvirt_uri)
+        self.storage = StorageService(
+            config.state_dir, monitor_interval=config.monitor_interval,
+            monitor_timeout=config.monitor_timeout)
+        self.vms = VmService(self.connection.get, self.storage, virt_type="qemu")
+        self.host = HostService(self.connection.get, virt_type="qemu")
+        self.storage.volume_in_use = self.vms.volume_in_use
+        self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
+        self.connection.reconnect_listeners.append(self.vms.refresh_status)
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms)
+        self.dispatcher = Dispatcher(load_schema(), build_table(services),
+                                     is_ready=self._ready.is_set)
+        self.server = ApiServer(config.address, self.dispatcher,
+                                max_body=config.max_request_bytes)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        self.server.start()
+        log.info("API listening on %s:%d", self.config.address[0], self.server.port)
+        self.storage.start()
+        threading.Thread(target=self._recover, name="recovery", daemon=True).start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.stop()
+        self.storage.stop()
+        self.connection.close()
+
+    def _recover(self) -> None:
+        started = time.monotonic()
+        delay = 0.1
+        while not self._stopping.is_set():
+            try:
+                conn = self.connection.get()
+                virt_type = detect_virt_type(conn)
+                self.vms.virt_type = self.host.virt_type = virt_type
+                count = self.vms.recover()
+                break
+            except libvirt.libvirtError as e:
+                # libvirtd not up yet: keep answering 99 and try again.
+                log.warning("recovery: libvirt not available (%s); retrying in %.1fs", e, delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, LIBVIRT_RETRY_MAX)
+        else:
+            return
+        self._ready.set()
+        log.info("recovery done: %d VM(s), virt type %s, %.3fs", count, virt_type,
+                 time.monotonic() - started)

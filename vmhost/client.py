@@ -1,0 +1,156 @@
+"""Python client for the vmhost JSON-RPC API.
+
+    with Client() as c:
+        c.call("VM.getStats", vmID=vm_id)
+
+Calls are checked against the same schema.yaml the agent uses before they
+are sent (validate=False to skip, e.g. against a newer agent). One Client
+keeps one HTTP/1.1 connection open; it is not thread-safe.
+"""
+from __future__ import annotations
+
+import http.client
+import itertools
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from vmhost.api.schema import InvalidParams, Schema, UnknownVerb, load_schema
+
+DEFAULT_URL = "http://127.0.0.1:54321/jsonrpc"
+
+# Errors that, on a reused keep-alive connection, mean the agent had already
+# closed it while idle.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+class RpcError(Exception):
+    """The agent (or client-side validation) answered with a JSON-RPC error."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"error {code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class TransportError(Exception):
+    """The agent could not be reached, or did not answer in JSON-RPC."""
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60, validate: bool = True,
+                 schema: Schema | None = None):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"unsupported URL {url!r}; expected http(s)://host:port/path")
+        self.url = url
+        self._scheme = parts.scheme
+        self._host = parts.hostname
+        self._port = parts.port
+        self._path = parts.path or "/"
+        self._timeout = timeout
+        self._schema = (schema or load_schema()) if validate else None
+        self._conn: http.client.HTTPConnection | None = None
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, /, **params: Any) -> Any:
+        """The result of `method`, or raise RpcError."""
+        request = self._request(method, params)
+        return _result(self._post(request), request["id"])
+
+    def batch(self, calls: Iterable[tuple[str, Mapping[str, Any]]]) -> list[Any]:
+        """Send several calls in one request. Returns their results in call
+        order; a call that failed has its RpcError in its slot (not raised),
+        so one failure does not hide the other results."""
+        requests = [self._request(method, dict(params)) for method, params in calls]
+        if not requests:
+            return []
+        answer = self._post(requests)
+        if not isinstance(answer, list):
+            _raise_error(answer)  # the batch as a whole was refused (e.g. too large)
+            raise TransportError("unexpected answer to a batch")
+        by_id = {r.get("id"): r for r in answer if isinstance(r, dict)}
+        results: list[Any] = []
+        for request in requests:
+            response = by_id.get(request["id"])
+            if response is None:
+                raise TransportError(f"no answer to {request['method']} in the batch")
+            try:
+                results.append(_result(response, request["id"]))
+            except RpcError as e:
+                results.append(e)
+        return results
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if self._schema is not None:
+            try:
+                self._schema.validate(method, params)
+            except UnknownVerb as e:
+                raise RpcError(-32601, str(e)) from None
+            except InvalidParams as e:
+                raise RpcError(-32602, e.message) from None
+        return {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+
+    def _post(self, payload: Any) -> Any:
+        status, data = self._exchange(json.dumps(payload).encode("utf-8"))
+        # Refusals (404, 413, ...) carry a JSON-RPC error body too.
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise TransportError(f"HTTP {status} from {self.url}: not a JSON-RPC answer") from None
+
+    def _exchange(self, body: bytes) -> tuple[int, bytes]:
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                return self._roundtrip(body)
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                # A request sent on a connection the agent had closed while
+                # idle never reached it, so sending it again is safe.
+                if not (attempt == 1 and reused and isinstance(e, _STALE)):
+                    raise TransportError(f"cannot talk to {self.url}: {e}") from e
+        raise AssertionError("unreachable")
+
+    def _roundtrip(self, body: bytes) -> tuple[int, bytes]:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout)
+        conn = self._conn
+        try:
+            conn.request("POST", self._path, body,
+                         {"Content-Type": "application/json", "Accept": "application/json"})
+        except (BrokenPipeError, ConnectionResetError):
+            # The agent may refuse a body early (413) and close; its answer
+            # is still readable, and getresponse raises if there is none.
+            pass
+        response = conn.getresponse()
+        data = response.read()
+        if response.will_close:
+            self.close()
+        return response.status, data
+
+
+def _result(response: Any, request_id: Any) -> Any:
+    _raise_error(response)
+    if not isinstance(response, dict) or response.get("id") != request_id or "result" not in response:
+        raise TransportError("JSON-RPC answer does not match the request")
+    return response["result"]
+
+
+def _raise_error(response: Any) -> None:
+    if isinstance(response, dict) and isinstance(response.get("error"), dict):
+        error = response["error"]
+        raise RpcError(error.get("code", 0), str(error.get("message", "")))

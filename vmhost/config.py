@@ -1,0 +1,22 @@
+"""Every tunable of the agent in one typed place."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Config:
+    listen: str = "127.0.0.1:54321"
+    state_dir: str = "/var/lib/vmhost"
+    libvirt_uri: str = "qemu:///system"
+    monitor_interval: float = 5.0     # seconds between domain checks
+    monitor_timeout: float = 10.0     # a domain read slower than this makes it INVALID
+    max_request_bytes: int = 1 << 20  # larger JSON-RPC bodies are refused (413)
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"--listen wants HOST:PORT, got {self.listen!r}")
+        return host.strip("[]"), int(port)

@@ -1,0 +1,112 @@
+"""Domain errors with VDSM's numeric codes.
+
+Services raise these; the API turns them into JSON-RPC error objects whose
+``code`` is the VDSM code, so an engine written against VDSM understands them.
+Anything that is not a VmhostError reaches the client as code 100 with a
+generic message (never a traceback).
+"""
+from __future__ import annotations
+
+
+class VmhostError(Exception):
+    code = 100
+    message = "General Exception"
+
+    def __init__(self, detail: str | None = None):
+        self.detail = detail
+        super().__init__(self.text)
+
+    @property
+    def text(self) -> str:
+        return f"{self.message}: {self.detail}" if self.detail else self.message
+
+
+class GeneralError(VmhostError):
+    code = 100
+
+
+class NoSuchVM(VmhostError):
+    code = 1
+    message = "Virtual machine does not exist"
+
+
+class VMExists(VmhostError):
+    code = 4
+    message = "Virtual machine already exists"
+
+
+class ImageFileNotFound(VmhostError):
+    """An image or volume that is not there (VDSM's code 13)."""
+    code = 13
+    message = "Drive image file could not be found"
+
+
+class SnapshotFailed(VmhostError):
+    code = 48
+    message = "Snapshot failed"
+
+
+class MergeFailed(VmhostError):
+    code = 52
+    message = "Merge failed"
+
+
+class DestinationVolumeTooSmall(VmhostError):
+    code = 79
+    message = "Destination volume is too small"
+
+
+class RecoveryInProgress(VmhostError):
+    code = 99
+    message = "Recovering from crash or Initializing"
+
+
+class VolumeIsBusy(VmhostError):
+    code = 203
+    message = "Volume is busy"
+
+
+class VolumeImageHasChildren(VmhostError):
+    code = 204
+    message = "Cannot delete volume which has children"
+
+
+class VolumeCreationError(VmhostError):
+    code = 205
+    message = "Error creating a new volume"
+
+
+class VolumeMetadataReadError(VmhostError):
+    code = 207
+    message = "Error while processing volume meta data"
+
+
+class VolumeAlreadyExists(VmhostError):
+    code = 212
+    message = "Volume already exists"
+
+
+class PrepareIllegalVolume(VmhostError):
+    code = 227
+    message = "Cannot prepare illegal volume"
+
+
+class StorageDomainDoesNotExist(VmhostError):
+    code = 358
+    message = "Storage domain does not exist"
+
+
+class StorageDomainAlreadyExists(VmhostError):
+    code = 365
+    message = "Storage domain already exists"
+
+
+class StorageDomainCreationError(VmhostError):
+    code = 351
+    message = "Error creating a storage domain"
+
+
+class InvalidParameter(VmhostError):
+    """A value that passed the schema but is still wrong (e.g. size 0)."""
+    code = 1000
+    message = "Invalid parameter"

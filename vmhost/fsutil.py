@@ -1,0 +1,42 @@
+"""Crash-safe file writes: a reader sees the old content or the new, never a torn file."""
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write data to path via temp file + fsync + rename + fsync of the directory."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+def unlink_durable(path: str) -> bool:
+    """Remove path (if present) and make the removal durable. Returns whether it existed."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(os.path.dirname(path) or ".")
+    return True

@@ -1,0 +1,109 @@
+"""Chain logic of one image, written once for every domain type.
+
+The storage view of a chain is the parent pointers in volume metadata; the
+leaf is the volume no other volume names as its parent.
+"""
+from __future__ import annotations
+
+import logging
+
+from vmhost import errors
+from vmhost.ids import BLANK_UUID
+from vmhost.storage.domain import StorageDomain
+from vmhost.storage.metadata import (Legality, Prealloc, VolFormat, VolType,
+                                     VolumeMetadata)
+
+log = logging.getLogger(__name__)
+
+
+class Image:
+    def __init__(self, domain: StorageDomain, img: str):
+        self.domain = domain
+        self.uuid = img
+
+    def volume(self, vol: str) -> VolumeMetadata:
+        return self.domain.read_metadata(self.uuid, vol)
+
+    def all_volumes(self) -> list[VolumeMetadata]:
+        return [self.volume(v) for v in self.domain.volumes(self.uuid)]
+
+    def children(self, vol: str) -> list[str]:
+        return [md.volume for md in self.all_volumes() if md.parent == vol]
+
+    def chain(self, leaf: str) -> list[VolumeMetadata]:
+        """Volumes from base to leaf following metadata parent pointers."""
+        chain: list[VolumeMetadata] = []
+        seen: set[str] = set()
+        vol = leaf
+        while vol != BLANK_UUID:
+            if vol in seen:
+                raise errors.VolumeMetadataReadError(
+                    f"image {self.uuid}: parent pointers loop at volume {vol}")
+            seen.add(vol)
+            md = self.volume(vol)
+            chain.append(md)
+            vol = md.parent
+        chain.reverse()
+        return chain
+
+    # --- changes ----------------------------------------------------------
+
+    def create_volume(self, vol: str, size: int, fmt: VolFormat, prealloc: Prealloc,
+                      disktype: str, description: str, parent_vol: str | None) -> VolumeMetadata:
+        if self.domain.has_volume(self.uuid, vol):
+            raise errors.VolumeAlreadyExists(f"volume {vol} exists in image {self.uuid}")
+        parent = self._snapshot_parent(parent_vol, fmt, size) if parent_vol else None
+        md = VolumeMetadata(
+            domain=self.domain.uuid, image=self.uuid, volume=vol,
+            parent=parent.volume if parent else BLANK_UUID, format=fmt,
+            voltype=VolType.LEAF, legality=Legality.ILLEGAL,
+            capacity=max(size, parent.capacity if parent else 0),
+            prealloc=prealloc, disktype=disktype, description=description,
+        )
+        # ILLEGAL until complete: a crash in between leaves a volume that is
+        # plainly not usable and that Volume.delete removes.
+        self.domain.write_metadata(md)
+        try:
+            self.domain.allocate(md, parent, prealloc)
+        except Exception as e:
+            log.exception("creating volume %s failed", vol)
+            self.domain.remove(self.uuid, vol)
+            raise errors.VolumeCreationError(f"volume {vol}: {e}") from None
+        if parent is not None:
+            self.domain.write_metadata(parent.replace(voltype=VolType.INTERNAL,
+                                                      generation=parent.generation + 1))
+        md = md.replace(legality=Legality.LEGAL)
+        self.domain.write_metadata(md)
+        return md
+
+    def _snapshot_parent(self, parent_vol: str, fmt: VolFormat, size: int) -> VolumeMetadata:
+        parent = self.volume(parent_vol)
+        if fmt is not VolFormat.COW:
+            raise errors.InvalidParameter("volFormat must be COW for a volume with a parent")
+        if parent.legality is not Legality.LEGAL:
+            raise errors.InvalidParameter(f"parent volume {parent_vol} is ILLEGAL")
+        if parent.voltype is VolType.INTERNAL or self.children(parent_vol):
+            raise errors.InvalidParameter(
+                f"parent volume {parent_vol} is not a leaf: it already has a child")
+        if size < parent.capacity:
+            raise errors.InvalidParameter(
+                f"size {size} is smaller than the parent's capacity {parent.capacity}")
+        return parent
+
+    def check_no_children(self, vol: str) -> None:
+        kids = self.children(vol)
+        if kids:
+            raise errors.VolumeImageHasChildren(f"volume {vol} is the parent of {', '.join(kids)}")
+
+    def delete_volume(self, vol: str) -> None:
+        md = self.volume(vol)
+        self.check_no_children(vol)
+        self.domain.remove(self.uuid, vol)
+        if md.parent != BLANK_UUID and self.domain.has_volume(self.uuid, md.parent):
+            self._recheck_leaf(md.parent)
+
+    def _recheck_leaf(self, vol: str) -> None:
+        md = self.volume(vol)
+        want = VolType.INTERNAL if self.children(vol) else VolType.LEAF
+        if md.voltype is not VolType.SHARED and md.voltype is not want:
+            self.domain.write_metadata(md.replace(voltype=want, generation=md.generation + 1))

@@ -1,0 +1,123 @@
+"""The one adapter to qemu-img (and qemu-io for data checks).
+
+One function per command, argv lists (no shell), JSON output parsed; failures
+become QemuImgError naming the command and qemu-img's own message.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+QEMU_IMG = "qemu-img"
+QEMU_IO = "qemu-io"
+DEFAULT_TIMEOUT = 600
+
+
+class QemuImgError(Exception):
+    def __init__(self, cmd: list[str], rc: int, err: str):
+        self.cmd, self.rc, self.err = cmd, rc, err.strip()
+        super().__init__(f"{cmd[0]} {cmd[1]} failed (rc={rc}): {self.err}")
+
+
+def _run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise QemuImgError(cmd, -1, f"timed out after {timeout}s") from e
+    if p.returncode != 0:
+        raise QemuImgError(cmd, p.returncode, p.stderr or p.stdout)
+    return p.stdout
+
+
+def create(path: str, fmt: str, size: int | None = None, backing: str | None = None,
+           backing_fmt: str | None = None, preallocation: str | None = None) -> None:
+    """Create an image. `backing` is written into the header as given, so a
+    bare volume UUID stays a relative name resolved beside the image."""
+    cmd = [QEMU_IMG, "create", "-q", "-f", fmt]
+    opts = []
+    if fmt == "qcow2":
+        opts.append("compat=1.1")
+    if preallocation:
+        opts.append(f"preallocation={preallocation}")
+    if opts:
+        cmd += ["-o", ",".join(opts)]
+    if backing:
+        cmd += ["-b", backing, "-F", backing_fmt or "qcow2"]
+    cmd.append(path)
+    if size is not None:
+        cmd.append(str(size))
+    _run(cmd)
+
+
+def info(path: str, backing_chain: bool = False, force_share: bool = True,
+         timeout: float = DEFAULT_TIMEOUT) -> Any:
+    """`qemu-img info --output json`; a list (top first) with backing_chain."""
+    cmd = [QEMU_IMG, "info", "--output", "json"]
+    if force_share:
+        cmd.append("-U")
+    if backing_chain:
+        cmd.append("--backing-chain")
+    cmd.append(path)
+    return json.loads(_run(cmd, timeout))
+
+
+def measure(path: str, out_fmt: str = "qcow2", base: str | None = None) -> dict:
+    cmd = [QEMU_IMG, "measure", "--output", "json", "-U", "-O", out_fmt, path]
+    return json.loads(_run(cmd))
+
+
+def check(path: str) -> dict:
+    """`qemu-img check`; returns the JSON report (rc 2/3 = corruption/leaks still report)."""
+    cmd = [QEMU_IMG, "check", "--output", "json", "-U", path]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
+    if p.returncode not in (0, 2, 3) or not p.stdout.strip():
+        raise QemuImgError(cmd, p.returncode, p.stderr)
+    return json.loads(p.stdout)
+
+
+def commit(top: str, base: str | None = None, drop: bool = True) -> None:
+    cmd = [QEMU_IMG, "commit", "-q", "-t", "none"]
+    if drop:
+        cmd.append("-d")
+    if base:
+        cmd += ["-b", base]
+    cmd.append(top)
+    _run(cmd)
+
+
+def rebase(path: str, backing: str, backing_fmt: str = "qcow2", unsafe: bool = False) -> None:
+    cmd = [QEMU_IMG, "rebase", "-q", "-t", "none", "-F", backing_fmt, "-b", backing]
+    if unsafe:
+        cmd.append("-u")
+    cmd.append(path)
+    _run(cmd)
+
+
+def resize(path: str, size: int, fmt: str = "qcow2") -> None:
+    _run([QEMU_IMG, "resize", "-q", "-f", fmt, path, str(size)])
+
+
+def compare(a: str, b: str, strict: bool = False) -> bool:
+    """True when the guest-visible contents match (rc 0), False on rc 1."""
+    cmd = [QEMU_IMG, "compare", "-U"]
+    if strict:
+        cmd.append("-s")
+    cmd += [a, b]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
+    if p.returncode in (0, 1):
+        return p.returncode == 0
+    raise QemuImgError(cmd, p.returncode, p.stderr)
+
+
+def io(path: str, command: str, fmt: str = "qcow2", force_share: bool = False) -> str:
+    """Run one qemu-io command (e.g. 'write -P 0xab 0 1M') on an image not in use."""
+    cmd = [QEMU_IO, "-f", fmt]
+    if force_share:
+        cmd.append("-U")
+    cmd += ["-c", command, path]
+    out = _run(cmd)
+    # qemu-io reports pattern mismatches on stdout with rc 0.
+    if "Pattern verification failed" in out or "failed" in out.lower():
+        raise QemuImgError(cmd, 1, out)
+    return out

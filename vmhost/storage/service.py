@@ -1,0 +1,224 @@
+"""Storage service: the storage half of the host (VDSM calls it HSM).
+
+Keeps the registry of connected domains (a local file in the state dir, so
+finding a domain never touches the storage itself), one monitor per domain,
+per-image locks, and turns domain/image operations into API dictionaries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Callable
+
+from vmhost import errors
+from vmhost.fsutil import atomic_write
+from vmhost.ids import BLANK_UUID, check_uuid
+from vmhost.refs import PreparedImage, VolumeRef
+from vmhost.storage.domain import DomainManifest, StorageDomain
+from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
+from vmhost.storage.image import Image
+from vmhost.storage.metadata import (Legality, VolumeMetadata, parse_format,
+                                     parse_prealloc)
+from vmhost.storage.monitor import DomainMonitor, DomainStatus
+
+log = logging.getLogger(__name__)
+
+# VDSM's numeric domain types that map to what we support.
+_DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS}
+
+VolumeInUse = Callable[[str, str, str], bool]
+DomainListener = Callable[[str, bool, str], None]
+
+
+class StorageService:
+    def __init__(self, state_dir: str, monitor_interval: float = 5.0,
+                 monitor_timeout: float = 10.0,
+                 volume_in_use: VolumeInUse = lambda sd, img, vol: False):
+        self._registry_path = os.path.join(state_dir, "domains.json")
+        self._interval = monitor_interval
+        self._timeout = monitor_timeout
+        self.volume_in_use = volume_in_use
+        self._lock = threading.Lock()
+        self._image_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._domains: dict[str, StorageDomain] = {}
+        self._monitors: dict[str, DomainMonitor] = {}
+        self._listeners: list[DomainListener] = []
+        for manifest in self._load_registry():
+            self._domains[manifest.uuid] = FileStorageDomain(manifest)
+
+    # --- life cycle ----------------------------------------------------
+
+    def start(self) -> None:
+        """Start monitoring every registered domain; returns at once."""
+        for sd in list(self._domains):
+            self._start_monitor(sd)
+
+    def stop(self) -> None:
+        for mon in self._monitors.values():
+            mon.stop()
+
+    def subscribe(self, listener: DomainListener) -> None:
+        """listener(sd_uuid, valid, reason) on every domain status change."""
+        self._listeners.append(listener)
+
+    def domain_status(self, sd_uuid: str) -> DomainStatus:
+        mon = self._monitors.get(sd_uuid)
+        return mon.status if mon else DomainStatus(valid=None, reason="not monitored")
+
+    def _start_monitor(self, sd_uuid: str) -> None:
+        dom = self._domains[sd_uuid]
+        mon = DomainMonitor(sd_uuid, dom.metadata_probe_path(), self._interval,
+                            self._timeout, self._notify)
+        self._monitors[sd_uuid] = mon
+        mon.start()
+
+    def _notify(self, sd_uuid: str, valid: bool, reason: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(sd_uuid, valid, reason)
+            except Exception:
+                log.exception("domain listener failed")
+
+    # --- registry --------------------------------------------------------
+
+    def _load_registry(self) -> list[DomainManifest]:
+        try:
+            with open(self._registry_path, "rb") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return []
+        return [DomainManifest(**entry) for entry in data.get("domains", [])]
+
+    def _save_registry(self) -> None:
+        os.makedirs(os.path.dirname(self._registry_path), exist_ok=True)
+        entries = [vars(d.manifest) for d in self._domains.values()]
+        atomic_write(self._registry_path,
+                     json.dumps({"version": 1, "domains": entries}, indent=1).encode())
+
+    def domain(self, sd_uuid: str) -> StorageDomain:
+        check_uuid(sd_uuid, "storagedomainID")
+        try:
+            return self._domains[sd_uuid]
+        except KeyError:
+            raise errors.StorageDomainDoesNotExist(sd_uuid) from None
+
+    def _image(self, sd_uuid: str, img_uuid: str) -> Image:
+        check_uuid(img_uuid, "imageID")
+        return Image(self.domain(sd_uuid), img_uuid)
+
+    def _image_lock(self, sd_uuid: str, img_uuid: str) -> threading.Lock:
+        with self._lock:
+            return self._image_locks.setdefault((sd_uuid, img_uuid), threading.Lock())
+
+    # --- domains ------------------------------------------------------------
+
+    def create_domain(self, sd_uuid: str, domain_type: str | int, type_args: str,
+                      name: str) -> dict:
+        check_uuid(sd_uuid, "storagedomainID")
+        kind = _DOMAIN_TYPES.get(domain_type)
+        if kind is None:
+            raise errors.InvalidParameter(f"domainType {domain_type!r} is not supported "
+                                          "(supported: 'localfs' or 4)")
+        with self._lock:
+            if sd_uuid in self._domains:
+                raise errors.StorageDomainAlreadyExists(sd_uuid)
+            dom = FileStorageDomain.create(type_args, sd_uuid, name)
+            self._domains[sd_uuid] = dom
+            self._save_registry()
+        self._start_monitor(sd_uuid)
+        return self.domain_info(sd_uuid)
+
+    def domain_info(self, sd_uuid: str) -> dict:
+        dom = self.domain(sd_uuid)
+        m = dom.manifest
+        info = {"uuid": m.uuid, "name": m.name, "type": m.type, "class": "Data",
+                "version": str(m.version), "remotePath": m.path, "role": "Regular",
+                "state": "OK" if self.domain_status(sd_uuid).valid else "Unknown"}
+        try:
+            total, free = dom.free_space()
+            info.update(disktotal=str(total), diskfree=str(free))
+        except OSError as e:
+            info["state"] = f"unreachable: {e.strerror}"
+        return info
+
+    def repo_stats(self, domains: list[str] | None = None) -> dict:
+        now = time.monotonic()
+        wanted = domains if domains is not None else list(self._domains)
+        return {sd: self.domain_status(sd).to_api(now) for sd in wanted
+                if sd in self._domains}
+
+    # --- volumes ----------------------------------------------------------------
+
+    def list_volumes(self, sd_uuid: str, img_uuid: str) -> list[str]:
+        return self._image(sd_uuid, img_uuid).domain.volumes(img_uuid)
+
+    def create_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str, size: int,
+                      vol_format: str | int, preallocate: str | int = "SPARSE",
+                      disk_type: str = "DATA", desc: str = "",
+                      src_img_uuid: str = BLANK_UUID, src_vol_uuid: str = BLANK_UUID) -> dict:
+        image = self._image(sd_uuid, img_uuid)
+        check_uuid(vol_uuid, "volumeID")
+        check_uuid(src_vol_uuid, "srcVolUUID")
+        check_uuid(src_img_uuid, "srcImgUUID")
+        if not isinstance(size, int) or size < 1:
+            raise errors.InvalidParameter(f"size must be a positive number of bytes, got {size!r}")
+        try:
+            fmt, prealloc = parse_format(vol_format), parse_prealloc(preallocate)
+        except ValueError as e:
+            raise errors.InvalidParameter(str(e)) from None
+        parent = None if src_vol_uuid == BLANK_UUID else src_vol_uuid
+        if parent and src_img_uuid not in (BLANK_UUID, img_uuid):
+            raise errors.InvalidParameter(
+                "srcImgUUID must be imageID: a parent in another image is not supported")
+        with self._image_lock(sd_uuid, img_uuid):
+            md = image.create_volume(vol_uuid, size, fmt, prealloc, disk_type, desc, parent)
+        return self._volume_dict(image, md)
+
+    def volume_info(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> dict:
+        image = self._image(sd_uuid, img_uuid)
+        return self._volume_dict(image, image.volume(check_uuid(vol_uuid, "volumeID")))
+
+    def delete_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> None:
+        image = self._image(sd_uuid, img_uuid)
+        check_uuid(vol_uuid, "volumeID")
+        with self._image_lock(sd_uuid, img_uuid):
+            # Structural reasons first: unknown (13), has children (204), in use (203).
+            image.volume(vol_uuid)
+            image.check_no_children(vol_uuid)
+            if self.volume_in_use(sd_uuid, img_uuid, vol_uuid):
+                raise errors.VolumeIsBusy(f"volume {vol_uuid} is used by a running VM")
+            image.delete_volume(vol_uuid)
+
+    def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
+        return self._image(sd_uuid, img_uuid).chain(check_uuid(leaf_uuid, "volumeID"))
+
+    def prepare_image(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
+                      allow_illegal: bool = False) -> PreparedImage:
+        """The chain a VM will run on, base first; refuses ILLEGAL volumes."""
+        image = self._image(sd_uuid, img_uuid)
+        chain = image.chain(check_uuid(leaf_uuid, "volumeID"))
+        bad = [md.volume for md in chain if md.legality is not Legality.LEGAL]
+        if bad and not allow_illegal:
+            raise errors.PrepareIllegalVolume(
+                f"image {img_uuid} has ILLEGAL volume(s) {', '.join(bad)}")
+        dom = image.domain
+        refs = [VolumeRef(sd_uuid, img_uuid, md.volume, dom.volume_path(img_uuid, md.volume))
+                for md in chain]
+        return PreparedImage(chain=refs, format=chain[-1].format.qemu)
+
+    @staticmethod
+    def _volume_dict(image: Image, md: VolumeMetadata) -> dict:
+        size = image.domain.size(md.image, md.volume)
+        return {
+            "uuid": md.volume, "domain": md.domain, "image": md.image,
+            "parent": md.parent, "format": md.format.value, "voltype": md.voltype.value,
+            "legality": md.legality.value, "type": md.prealloc.value,
+            "disktype": md.disktype, "capacity": str(md.capacity),
+            "apparentsize": str(size.apparent), "truesize": str(size.true),
+            "ctime": str(md.ctime), "mtime": "0", "description": md.description,
+            "generation": md.generation, "status": "OK",
+            "path": image.domain.volume_path(md.image, md.volume),
+        }

@@ -1,0 +1,303 @@
+"""The VM service: create, control, report, snapshot and recover VMs.
+
+Recovery reads libvirt only: each domain carrying vmhost metadata is rebuilt
+from that metadata, and only drives with a pending chain change (a snapshot
+or, later, a block job) are re-read from the live XML. No storage access.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Protocol
+
+import libvirt
+
+from vmhost import errors
+from vmhost.ids import check_uuid
+from vmhost.refs import PreparedImage
+from vmhost.virt import domxml
+from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
+from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
+from vmhost.virt.vmdef import RESUME_BEHAVIORS, DefinitionError, Drive, VmDefinition
+
+log = logging.getLogger(__name__)
+
+DRIVE_NAMES = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
+class ImagePreparer(Protocol):
+    def prepare_image(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
+                      allow_illegal: bool = False) -> PreparedImage: ...
+
+
+class VmService:
+    def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
+                 virt_type: str):
+        self._conn = conn
+        self._storage = storage
+        self.virt_type = virt_type
+        self._lock = threading.Lock()
+        self._vms: dict[str, Vm] = {}
+
+    # --- lookup -----------------------------------------------------------
+
+    def _vm(self, vm_id: str) -> Vm:
+        check_uuid(vm_id, "vmID")
+        try:
+            return self._vms[vm_id]
+        except KeyError:
+            raise errors.NoSuchVM(vm_id) from None
+
+    def vms(self) -> list[Vm]:
+        with self._lock:
+            return list(self._vms.values())
+
+    def volume_in_use(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> bool:
+        return any(vm.status != DOWN and vm.uses_volume(sd_uuid, img_uuid, vol_uuid)
+                   for vm in self.vms())
+
+    # --- life cycle -------------------------------------------------------
+
+    def create(self, vm_id: str, vm_params: dict) -> dict:
+        check_uuid(vm_id, "vmID")
+        definition = self._definition(vm_id, vm_params)
+        allow_illegal = bool(vm_params.get("allowIllegal", False))
+        with self._lock:
+            if vm_id in self._vms:
+                raise errors.VMExists(vm_id)
+            # Reserve the id so a concurrent create of the same VM fails fast.
+            vm = Vm(definition, status="WaitForLaunch")
+            self._vms[vm_id] = vm
+        try:
+            with vm.lock:
+                self._prepare_drives(definition, vm_params["devices"], allow_illegal)
+                self._start(vm)
+        except BaseException:
+            with self._lock:
+                self._vms.pop(vm_id, None)
+            raise
+        return vm.full_info()
+
+    def _definition(self, vm_id: str, params: dict) -> VmDefinition:
+        disks = [d for d in params.get("devices", []) if d.get("device") == "disk"]
+        if len(disks) > len(DRIVE_NAMES):
+            raise errors.InvalidParameter(f"at most {len(DRIVE_NAMES)} disks are supported")
+        seen = set()
+        for i, d in enumerate(disks):
+            for key in ("domainID", "imageID", "volumeID"):
+                check_uuid(d.get(key), f"vmParams.devices[{i}].{key}")
+            if (d["domainID"], d["imageID"]) in seen:
+                raise errors.InvalidParameter(f"image {d['imageID']} is listed twice")
+            seen.add((d["domainID"], d["imageID"]))
+        behavior = params.get("resumeBehavior", "auto_resume")
+        if behavior not in RESUME_BEHAVIORS:
+            raise errors.InvalidParameter(f"resumeBehavior must be one of {RESUME_BEHAVIORS}")
+        return VmDefinition(vm_id=vm_id, name=params["vmName"], mem_mib=int(params["memSize"]),
+                            drives=[], resume_behavior=behavior)
+
+    def _prepare_drives(self, definition: VmDefinition, devices: list[dict],
+                        allow_illegal: bool) -> None:
+        disks = [d for d in devices if d.get("device") == "disk"]
+        for name, d in zip(DRIVE_NAMES, disks):
+            prepared = self._storage.prepare_image(d["domainID"], d["imageID"], d["volumeID"],
+                                                   allow_illegal=allow_illegal)
+            definition.drives.append(Drive(name=name, domain=d["domainID"], image=d["imageID"],
+                                           chain=list(prepared.chain), format=prepared.format))
+
+    def _start(self, vm: Vm) -> None:
+        d = vm.definition
+        xml = domxml.build(
+            d.vm_id, d.name, d.mem_mib, self.virt_type,
+            [domxml.DiskSpec(dr.name, dr.path, dr.format) for dr in d.drives],
+            domxml.metadata_element(d.to_json()))
+        try:
+            dom = self._conn().createXML(xml, 0)
+        except libvirt.libvirtError as e:
+            if "already exists" in str(e):
+                raise errors.VMExists(f"libvirt refused VM {d.vm_id}: {e}") from None
+            raise errors.GeneralError(f"libvirt could not start VM {d.vm_id}: {e}") from None
+        vm.status, vm.pause_code = status_from_state(*dom.state())
+        log.info("VM %s (%s) started", d.vm_id, d.name)
+
+    def destroy(self, vm_id: str) -> None:
+        vm = self._vm(vm_id)
+        with vm.lock:
+            try:
+                vm.domain(self._conn()).destroy()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise errors.GeneralError(f"destroy of VM {vm_id} failed: {e}") from None
+            vm.status = DOWN
+            with self._lock:
+                self._vms.pop(vm_id, None)
+        log.info("VM %s destroyed", vm_id)
+
+    def pause(self, vm_id: str) -> None:
+        self._control(vm_id, "suspend", PAUSED)
+
+    def cont(self, vm_id: str) -> None:
+        self._control(vm_id, "resume", UP)
+
+    def _control(self, vm_id: str, op: str, status: str) -> None:
+        vm = self._vm(vm_id)
+        with vm.lock:
+            if vm.status == DOWN:
+                raise errors.GeneralError(f"VM {vm_id} is down")
+            try:
+                getattr(vm.domain(self._conn()), op)()
+            except libvirt.libvirtError as e:
+                raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
+            vm.status, vm.pause_code = status, "NOERR"
+
+    # --- reporting --------------------------------------------------------
+
+    def get_stats(self, vm_id: str) -> list[dict]:
+        return [self._vm(vm_id).stats()]
+
+    def all_stats(self) -> list[dict]:
+        return [vm.stats() for vm in self.vms()]
+
+    def list(self, full_status: bool = False, vm_list: list[str] | None = None,
+             only_uuid: bool = False) -> list:
+        vms = self._select(vm_list)
+        if only_uuid:
+            return [vm.id for vm in vms]
+        if full_status:
+            return [vm.full_info() for vm in vms]
+        return [{"vmId": vm.id, "status": vm.status} for vm in vms]
+
+    def full_list(self, vm_list: list[str] | None = None) -> list[dict]:
+        return [vm.full_info() for vm in self._select(vm_list)]
+
+    def _select(self, vm_list: list[str] | None) -> list[Vm]:
+        vms = self.vms()
+        if vm_list is None:
+            return vms
+        wanted = set(vm_list)
+        return [vm for vm in vms if vm.id in wanted]
+
+    # --- snapshot ---------------------------------------------------------
+
+    def snapshot(self, vm_id: str, snap_drives: list[dict]) -> dict:
+        vm = self._vm(vm_id)
+        with vm.lock:
+            if vm.status == DOWN:
+                raise errors.SnapshotFailed(f"VM {vm_id} is down")
+            targets = self._snapshot_targets(vm, snap_drives)
+            names = [t.drive for t in targets]
+            others = [d.name for d in vm.definition.drives if d.name not in names]
+            conn = self._conn()
+            dom = vm.domain(conn)
+            # Write-ahead: if we die after libvirt switched the leaves, recovery
+            # re-reads these drives from the live XML.
+            vm.definition.pending_sync = names
+            vm.persist(conn)
+            try:
+                dom.snapshotCreateXML(snapshot_xml(targets, others), SNAPSHOT_FLAGS)
+            except libvirt.libvirtError as e:
+                log.error("snapshot of VM %s failed: %s", vm_id, e)
+                raise errors.SnapshotFailed(str(e)) from None
+            finally:
+                live = domxml.live_disks(dom.XMLDesc(0))
+                vm.apply_live_chain(live, names)
+                vm.definition.pending_sync = []
+                vm.persist(conn)
+        log.info("VM %s: snapshot of %s", vm_id, ", ".join(names))
+        return {"quiesce": False}
+
+    def _snapshot_targets(self, vm: Vm, snap_drives: list[dict]) -> list[SnapshotTarget]:
+        targets, seen = [], set()
+        for i, sd in enumerate(snap_drives):
+            for key in ("domainID", "imageID", "baseVolumeID", "volumeID"):
+                check_uuid(sd.get(key), f"snapDrives[{i}].{key}")
+            drive = vm.definition.find_drive(sd["domainID"], sd["imageID"])
+            if drive is None:
+                raise errors.ImageFileNotFound(
+                    f"VM {vm.id} has no drive with image {sd['imageID']} on domain {sd['domainID']}")
+            if drive.name in seen:
+                raise errors.SnapshotFailed(f"snapDrives lists image {sd['imageID']} twice")
+            seen.add(drive.name)
+            if sd["baseVolumeID"] != drive.volume:
+                raise errors.SnapshotFailed(
+                    f"baseVolumeID {sd['baseVolumeID']} is not the leaf of drive {drive.name} "
+                    f"({drive.volume})")
+            prepared = self._storage.prepare_image(sd["domainID"], sd["imageID"], sd["volumeID"])
+            if [v.volume for v in prepared.chain[:-1]] != drive.volume_ids():
+                raise errors.SnapshotFailed(
+                    f"volume {sd['volumeID']} is not a child of {drive.volume}")
+            targets.append(SnapshotTarget(drive.name, prepared.chain[-1].path, prepared.format))
+        return targets
+
+    # --- recovery -----------------------------------------------------------
+
+    def recover(self) -> int:
+        """Rebuild VMs from libvirt alone; returns how many were recovered."""
+        conn = self._conn()
+        found = {}
+        for dom in conn.listAllDomains(0):
+            try:
+                vm = self._recover_one(conn, dom)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # went away while we listed
+                raise
+            if vm is not None:
+                found[vm.id] = vm
+        with self._lock:
+            self._vms.update(found)
+        log.info("recovered %d VM(s)", len(found))
+        return len(found)
+
+    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> Vm | None:
+        xml = dom.XMLDesc(0)
+        payload = domxml.read_metadata(xml)
+        if payload is None:
+            return None  # not ours
+        try:
+            definition = VmDefinition.from_json(payload)
+        except DefinitionError as e:
+            log.error("domain %s: cannot recover: %s", dom.UUIDString(), e)
+            return None
+        vm = Vm(definition, *status_from_state(*dom.state()))
+        stale = list(definition.pending_sync)
+        if stale:
+            vm.apply_live_chain(domxml.live_disks(xml), stale)
+            definition.pending_sync = []
+            vm.persist(conn)
+            log.info("VM %s: re-read chains of %s from libvirt", vm.id, ", ".join(stale))
+        return vm
+
+    def refresh_status(self) -> None:
+        """Poll libvirt for every VM's state (after a reconnect events may be lost)."""
+        conn = self._conn()
+        for vm in self.vms():
+            try:
+                vm.status, vm.pause_code = status_from_state(*vm.domain(conn).state())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    vm.status = DOWN
+                    vm.exit_message = "domain disappeared"
+
+    def on_lifecycle(self, vm_uuid: str, event: int, detail: int) -> None:
+        """libvirt lifecycle event (runs on the event thread: no libvirt calls)."""
+        vm = self._vms.get(vm_uuid)
+        if vm is None:
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            vm.status = DOWN
+            vm.exit_message = _STOP_REASONS.get(detail, "stopped")
+        elif event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
+            vm.status = PAUSED
+            if detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+                vm.pause_code = "EIO"
+        elif event in (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED):
+            vm.status, vm.pause_code = UP, "NOERR"
+
+
+_STOP_REASONS = {
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU failed",
+}
+
