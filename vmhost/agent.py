@@ -19,9 +19,12 @@ from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
 from vmhost.config import Config
+from vmhost.events import EventBus
+from vmhost.scheduler import Scheduler
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
 from vmhost.virt.host import HostService, detect_virt_type
+from vmhost.virt.merge import MergeConfig
 from vmhost.virt.service import VmService
 
 log = logging.getLogger(__name__)
@@ -33,28 +36,50 @@ class Agent:
     def __init__(self, config: Config):
         self.config = config
         os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
+        self.events = EventBus()
+        self.scheduler = Scheduler(workers=config.workers, backoff_max=config.retry_backoff_max)
         self.connection = Connection(config.libvirt_uri)
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
             monitor_timeout=config.monitor_timeout)
-        self.vms = VmService(self.connection.get, self.storage, virt_type="qemu")
-        self.host = HostService(self.connection.get, virt_type="qemu")
-        self.storage.volume_in_use = self.vms.volume_in_use
-        self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
-        self.connection.reconnect_listeners.append(self.vms.refresh_status)
+        self.vms = VmService(
+            self.connection.get, self.storage, virt_type="qemu", scheduler=self.scheduler,
+            merge_config=MergeConfig(poll_interval=config.job_poll_interval,
+                                     pivot_retries=config.pivot_retries,
+                                     pivot_timeout=config.pivot_timeout),
+            publish=self.events.publish)
+        self.host = HostService(self.connection.get, virt_type="qemu",
+                                pending_work=self.scheduler.pending)
+        self._wire()
         self._ready = threading.Event()
         self._stopping = threading.Event()
         services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms)
         self.dispatcher = Dispatcher(load_schema(), build_table(services),
                                      is_ready=self._ready.is_set)
         self.server = ApiServer(config.address, self.dispatcher,
-                                max_body=config.max_request_bytes)
+                                max_body=config.max_request_bytes, events=self.events)
+
+    def _wire(self) -> None:
+        self.storage.volume_in_use = self.vms.volume_in_use
+        self.storage.subscribe(self._on_domain_status)
+        self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
+        self.connection.lifecycle_listeners.append(
+            lambda vm_uuid, event, detail: self.scheduler.notify(("vm", vm_uuid)))
+        self.connection.block_job_listeners.append(self.vms.merger.on_block_job_event)
+        self.connection.reconnect_listeners.append(self.vms.refresh_status)
+
+    def _on_domain_status(self, sd_uuid: str, valid: bool, reason: str) -> None:
+        self.events.publish({"event": "domain", "domainID": sd_uuid,
+                             "status": "VALID" if valid else "INVALID", "reason": reason})
+        if valid:
+            self.scheduler.notify(("domain", sd_uuid))
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     def start(self) -> None:
+        self.scheduler.start()
         self.server.start()
         log.info("API listening on %s:%d", self.config.address[0], self.server.port)
         self.storage.start()
@@ -66,6 +91,7 @@ class Agent:
     def stop(self) -> None:
         self._stopping.set()
         self.server.stop()
+        self.scheduler.stop()
         self.storage.stop()
         self.connection.close()
 

@@ -6,19 +6,28 @@
 Calls are checked against the same schema.yaml the agent uses before they
 are sent (validate=False to skip, e.g. against a newer agent). One Client
 keeps one HTTP/1.1 connection open; it is not thread-safe.
+
+Notifications (server-sent events from GET /events, same host and port):
+
+    with c.events(timeout=60) as stream:
+        for event in stream:          # {"event": "job", "jobId": ..., "to": ...}
+            ...
+
+Each stream has its own connection, so calls can go on meanwhile.
 """
 from __future__ import annotations
 
 import http.client
 import itertools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from vmhost.api.schema import InvalidParams, Schema, UnknownVerb, load_schema
 
 DEFAULT_URL = "http://127.0.0.1:54321/jsonrpc"
+EVENTS_PATH = "/events"
 
 # Errors that, on a reused keep-alive connection, mean the agent had already
 # closed it while idle.
@@ -49,6 +58,7 @@ class Client:
         self._host = parts.hostname
         self._port = parts.port
         self._path = parts.path or "/"
+        self.events_url = urlunsplit((parts.scheme, parts.netloc, EVENTS_PATH, "", ""))
         self._timeout = timeout
         self._schema = (schema or load_schema()) if validate else None
         self._conn: http.client.HTTPConnection | None = None
@@ -81,6 +91,29 @@ class Client:
             except RpcError as e:
                 results.append(e)
         return results
+
+    def events(self, timeout: float | None = None) -> EventStream:
+        """Subscribe to the agent's notifications: an iterator of event dicts,
+        in the order the agent published them. The subscription is live when
+        this returns. `timeout`: seconds without any data (the agent sends a
+        keepalive every 15 s) after which iterating raises TransportError;
+        None waits forever. Iteration ends when the agent closes the stream."""
+        conn = self._connect()
+        try:
+            conn.request("GET", EVENTS_PATH, headers={"Accept": "text/event-stream"})
+            # Kept: http.client hands the socket of a Connection: close
+            # answer over to the response, and conn.sock is None after this.
+            sock = conn.sock
+            response = conn.getresponse()
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise TransportError(f"cannot talk to {self.events_url}: {e}") from e
+        if response.status != 200 or response.getheader("Content-Type", "").partition(";")[0] \
+                != "text/event-stream":
+            _refused_stream(conn, response, self.events_url)
+        if sock is not None:
+            sock.settimeout(timeout)  # from now on: the wait for the next line
+        return EventStream(conn, response, self.events_url, timeout)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -118,16 +151,16 @@ class Client:
                 return self._roundtrip(body)
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                # A request sent on a connection the agent had closed while
-                # idle never reached it, so sending it again is safe.
+                # On a reused connection these errors mean the agent closed
+                # it while idle, so the request never reached it and sending
+                # it once more is safe (unless the agent died mid-call).
                 if not (attempt == 1 and reused and isinstance(e, _STALE)):
                     raise TransportError(f"cannot talk to {self.url}: {e}") from e
         raise AssertionError("unreachable")
 
     def _roundtrip(self, body: bytes) -> tuple[int, bytes]:
         if self._conn is None:
-            cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self._host, self._port, timeout=self._timeout)
+            self._conn = self._connect()
         conn = self._conn
         try:
             conn.request("POST", self._path, body,
@@ -141,6 +174,101 @@ class Client:
         if response.will_close:
             self.close()
         return response.status, data
+
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self._timeout)
+
+
+class EventStream(Iterator[dict]):
+    """Server-sent events as dicts (the JSON of each event's data). Comments
+    (keepalives) are skipped; `last_id` is the id of the last event read."""
+
+    def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                 url: str, timeout: float | None):
+        self._conn: http.client.HTTPConnection | None = conn
+        self._response = response
+        self.url = url
+        self._timeout = timeout
+        self.last_id: str | None = None
+
+    def __next__(self) -> dict:
+        data: list[str] = []
+        while True:
+            line = self._readline()
+            if line is None:  # the agent closed the stream (it stopped)
+                self.close()
+                raise StopIteration
+            if line == "":  # a blank line ends an event
+                if data:
+                    return self._decode(data)
+                continue
+            if line.startswith(":"):  # a comment: keepalive
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "id":
+                self.last_id = value
+            # "event" (the name) is in the JSON as "event" too; "retry" is for browsers.
+
+    def close(self) -> None:
+        if self._conn is not None:
+            # The response holds the socket: for a Connection: close answer,
+            # http.client hands it from the connection to the response.
+            self._response.close()
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> EventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _readline(self) -> str | None:
+        if self._conn is None:
+            return None
+        try:
+            raw = self._response.readline()
+        except TimeoutError:
+            self.close()
+            raise TransportError(f"nothing from {self.url} for {self._timeout}s") from None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            self.close()
+            raise TransportError(f"event stream {self.url} broke: {e}") from e
+        if not raw.endswith(b"\n"):  # end of stream (a cut-off line is dropped)
+            return None
+        return raw.decode("utf-8").rstrip("\r\n")
+
+    def _decode(self, data: list[str]) -> dict:
+        try:
+            event = json.loads("\n".join(data))
+        except ValueError:
+            self.close()
+            raise TransportError(f"event stream {self.url}: data is not JSON") from None
+        if not isinstance(event, dict):
+            self.close()
+            raise TransportError(f"event stream {self.url}: data is not a JSON object")
+        return event
+
+
+def _refused_stream(conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                    url: str) -> None:
+    """Raise what a refused GET /events means (the agent answers in JSON-RPC)."""
+    try:
+        data = response.read()
+    except (OSError, http.client.HTTPException):
+        data = b""
+    finally:
+        conn.close()
+    try:
+        _raise_error(json.loads(data))
+    except ValueError:
+        pass
+    raise TransportError(f"HTTP {response.status} from {url}: not an event stream")
 
 
 def _result(response: Any, request_id: Any) -> Any:

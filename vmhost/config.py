@@ -12,6 +12,11 @@ class Config:
     monitor_interval: float = 5.0     # seconds between domain checks
     monitor_timeout: float = 10.0     # a domain read slower than this makes it INVALID
     max_request_bytes: int = 1 << 20  # larger JSON-RPC bodies are refused (413)
+    job_poll_interval: float = 1.0    # seconds between polls of a running block job
+    pivot_retries: int = 5            # failed pivots before a merge is aborted
+    pivot_timeout: float = 10.0       # seconds to wait for the live XML after a pivot
+    workers: int = 8                  # threads running scheduled work
+    retry_backoff_max: float = 30.0   # ceiling of the retry backoff, seconds
     log_level: str = "INFO"
 
     @property

@@ -7,11 +7,11 @@ import re
 from vmhost.errors import InvalidParameter
 
 BLANK_UUID = "00000000-0000-0000-0000-000000000000"
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def is_uuid(value: object) -> bool:
-    return isinstance(value, str) and _UUID.match(value) is not None
+    return isinstance(value, str) and _UUID.fullmatch(value) is not None
 
 
 def check_uuid(value: object, name: str) -> str:

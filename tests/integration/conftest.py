@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 
 import libvirt
@@ -14,7 +15,9 @@ import pytest
 
 from vmhost.cli.agentproc import AgentProcess
 from vmhost.ids import BLANK_UUID
-from vmhost.virt import domxml
+from vmhost.storage import qemu_img
+from vmhost.storage.metadata import VolumeMetadata
+from vmhost.virt import domxml, guestio
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,6 +108,84 @@ class Env:
         info = self.call("Host.getVMFullList", vmList=[vm])[0]
         drive = next(d for d in info["devices"] if d["imageID"] == img)
         return [v["volumeID"] for v in drive["volumeChain"]]
+
+    def metadata_chain(self, img: str, leaf: str) -> list[str]:
+        """Walk PUUID pointers in the .meta files themselves, leaf to base."""
+        chain, vol = [], leaf
+        while vol != BLANK_UUID:
+            chain.append(vol)
+            vol = self.metadata(img, vol).parent
+        return chain[::-1]
+
+    def metadata(self, img: str, vol: str) -> VolumeMetadata:
+        with open(os.path.join(self.image_dir(img), vol + ".meta"), "rb") as f:
+            return VolumeMetadata.parse(f.read())
+
+    def qemu_chain(self, img: str, leaf: str) -> list[str]:
+        infos = qemu_img.info(os.path.join(self.image_dir(img), leaf), backing_chain=True)
+        return [os.path.basename(i["filename"]) for i in reversed(infos)]
+
+    def assert_four_views(self, vm: str, img: str, drive: str = "vda") -> list[str]:
+        """getVMFullList, the live XML, qemu-img and the metadata tell one chain."""
+        agent = self.agent_chain(vm, img)
+        assert self.live_chain(vm, drive) == agent, "libvirt live XML vs Host.getVMFullList"
+        assert self.qemu_chain(img, agent[-1]) == agent, "qemu-img --backing-chain vs agent"
+        assert self.metadata_chain(img, agent[-1]) == agent, "metadata parents vs agent"
+        return agent
+
+    def vm_jobs(self, vm: str) -> dict:
+        return self.call("VM.getStats", vmID=vm)[0]["vmJobs"]
+
+    def wait_job_gone(self, vm: str, job: str, timeout: float = 60.0) -> None:
+        wait_for(lambda: job not in self.vm_jobs(vm), timeout, f"job {job} to leave vmJobs")
+
+
+class Guest:
+    """Guest writes through QEMU's monitor, replayed offline into a reference
+    image built with qemu-img/qemu-io: after any chain change the VM's disk
+    must read exactly like the reference."""
+
+    def __init__(self, env: Env, vm: str, workdir: str, drive: str = "vda",
+                 size: int = 64 * MiB):
+        self.env, self.vm, self.drive = env, vm, drive
+        self.reference = os.path.join(workdir, f"reference-{vm[:8]}-{drive}.qcow2")
+        qemu_img.create(self.reference, "qcow2", size=size)
+        self.writes: list[tuple[int, int, int]] = []
+
+    def write(self, pattern: int, offset: int, length: int) -> None:
+        guestio.write(self.env.dom(self.vm), self.drive, pattern, offset, length)
+        qemu_img.io(self.reference, f"write -P {pattern:#x} {offset} {length}")
+        self.writes.append((pattern, offset, length))
+
+    def assert_intact(self, img: str) -> None:
+        dom = self.env.dom(self.vm)
+        # Through the running VM: the last write to each range wins.
+        for pattern, offset, length in self._visible():
+            guestio.verify(dom, self.drive, pattern, offset, length)
+        # On disk, after QEMU flushed its caches: the chain equals the reference.
+        guestio.qemu_io(dom, self.drive, "flush")
+        leaf = os.path.join(self.env.image_dir(img), self.env.agent_chain(self.vm, img)[-1])
+        assert qemu_img.compare(self.reference, leaf), "chain differs from the reference image"
+
+    def _visible(self) -> list[tuple[int, int, int]]:
+        """Byte ranges with the pattern a reader must see (last writer wins)."""
+        owner: dict[int, int] = {}
+        for pattern, offset, length in self.writes:
+            for block in range(offset // 65536, (offset + length) // 65536):
+                owner[block] = pattern
+        return [(p, b * 65536, 65536) for b, p in sorted(owner.items())]
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    """Poll `predicate` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
 
 
 def start_agent(state_dir: str, **kw) -> AgentProcess:

@@ -7,36 +7,9 @@ import uuid
 
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
-from vmhost.storage.metadata import VolumeMetadata
 from vmhost.virt import guestio
 
 MiB = 1 << 20
-
-
-def metadata_chain(image_dir: str, leaf: str) -> list[str]:
-    """Walk PUUID pointers in the .meta files themselves, leaf to base."""
-    chain, vol = [], leaf
-    while vol != BLANK_UUID:
-        with open(os.path.join(image_dir, vol + ".meta"), "rb") as f:
-            md = VolumeMetadata.parse(f.read())
-        chain.append(vol)
-        vol = md.parent
-    return chain[::-1]
-
-
-def qemu_chain(leaf_path: str) -> list[str]:
-    infos = qemu_img.info(leaf_path, backing_chain=True)
-    return [os.path.basename(i["filename"]) for i in reversed(infos)]
-
-
-def assert_four_views(env, vm: str, img: str, drive: str = "vda") -> list[str]:
-    agent = env.agent_chain(vm, img)
-    live = env.live_chain(vm, drive)
-    leaf_path = os.path.join(env.image_dir(img), agent[-1])
-    assert live == agent, "libvirt live XML vs Host.getVMFullList"
-    assert qemu_chain(leaf_path) == agent, "qemu-img info --backing-chain vs agent"
-    assert metadata_chain(env.image_dir(img), agent[-1]) == agent, "metadata parents vs agent"
-    return agent
 
 
 def test_two_snapshots_four_views_agree_and_data_reads_back(env):
@@ -51,7 +24,7 @@ def test_two_snapshots_four_views_agree_and_data_reads_back(env):
     top = env.snapshot(vm, img, mid)
     guestio.write(dom, "vda", 0x33, 2 * MiB, MiB)
 
-    assert assert_four_views(env, vm, img) == [base, mid, top]
+    assert env.assert_four_views(vm, img) == [base, mid, top]
 
     # Storage metadata: leaf/internal and legality follow the chain.
     infos = [env.call("Volume.getInfo", storagedomainID=env.sd, imageID=img, volumeID=v)
@@ -93,8 +66,8 @@ def test_snapshot_of_two_drives_is_atomic_and_per_drive(env):
     env.call("VM.snapshot", vmID=vm, snapDrives=[
         {"domainID": env.sd, "imageID": img_a, "baseVolumeID": a0, "volumeID": a1},
         {"domainID": env.sd, "imageID": img_b, "baseVolumeID": b0, "volumeID": b1}])
-    assert assert_four_views(env, vm, img_a, "vda") == [a0, a1]
-    assert assert_four_views(env, vm, img_b, "vdb") == [b0, b1]
+    assert env.assert_four_views(vm, img_a, "vda") == [a0, a1]
+    assert env.assert_four_views(vm, img_b, "vdb") == [b0, b1]
 
 
 def test_failed_snapshot_changes_no_chain(env):

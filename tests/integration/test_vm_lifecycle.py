@@ -3,23 +3,14 @@ detection, ILLEGAL chains refused, volumes freed after destroy."""
 from __future__ import annotations
 
 import os
-import time
 import uuid
 
 import pytest
 
+from conftest import wait_for
+
 from vmhost.client import RpcError
 from vmhost.storage.metadata import Legality, VolumeMetadata
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_capabilities_report_the_accelerator_in_use(env):

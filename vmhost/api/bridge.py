@@ -19,6 +19,7 @@ from vmhost.ids import BLANK_UUID
 class HostService(Protocol):
     def ping(self) -> bool: ...
     def capabilities(self) -> dict: ...
+    def pending_work(self) -> list[dict]: ...
 
 
 class StorageService(Protocol):
@@ -43,6 +44,11 @@ class VmService(Protocol):
     def all_stats(self) -> list[dict]: ...
     def full_list(self, vm_list: list[str] | None) -> list[dict]: ...
     def snapshot(self, vm_id: str, snap_drives: list[dict]) -> dict: ...
+    def merge(self, vm_id: str, drive: dict, base: str, top: str, bandwidth: int,
+              job_id: str | None) -> str: ...
+    def abort_merge(self, vm_id: str, job_id: str) -> dict: ...
+    def dismiss_job(self, vm_id: str, job_id: str) -> None: ...
+    def job_history(self) -> list[dict]: ...
 
 
 class Services(Protocol):
@@ -114,6 +120,13 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
     "VM.cont": lambda s, p: s.vms.cont(vm_id=p["vmID"]),
     "VM.getStats": lambda s, p: s.vms.get_stats(vm_id=p["vmID"]),
     "VM.snapshot": _snapshot,
+    "VM.merge": lambda s, p: s.vms.merge(
+        vm_id=p["vmID"], drive=p["drive"], base=p["baseVolUUID"], top=p["topVolUUID"],
+        bandwidth=p.get("bandwidth", 0), job_id=p.get("jobUUID")),
+    "VM.abortMerge": lambda s, p: s.vms.abort_merge(vm_id=p["vmID"], job_id=p["jobUUID"]),
+    "VM.dismissJob": lambda s, p: s.vms.dismiss_job(vm_id=p["vmID"], job_id=p["jobUUID"]),
+    "Host.getPendingWork": lambda s, p: s.host.pending_work(),
+    "Host.getJobHistory": lambda s, p: s.vms.job_history(),
 }
 
 

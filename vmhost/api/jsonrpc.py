@@ -72,17 +72,18 @@ class Dispatcher:
             request_id = _request_id(request)
         except _Reject as e:
             return encode_error(e.code, e.message)
+        notification = request_id is _NOTIFICATION
+        if notification:
+            request_id = None
         try:
             _check_envelope(request)
         except _Reject as e:
-            return encode_error(e.code, e.message, None if request_id is _NOTIFICATION else request_id)
+            return encode_error(e.code, e.message, request_id)
         try:
             result = self._execute(request["method"], request.get("params", {}))
         except _Reject as e:
-            if request_id is _NOTIFICATION:
-                return None
-            return encode_error(e.code, e.message, request_id)
-        if request_id is _NOTIFICATION:
+            return None if notification else encode_error(e.code, e.message, request_id)
+        if notification:
             return None
         try:
             return _encode({"jsonrpc": "2.0", "id": request_id, "result": result})

@@ -206,7 +206,8 @@ def _detail(error: ValidationError, value: str) -> str:
     match error.validator:
         case "type":
             wanted = " or ".join(v) if isinstance(v, list) else v
-            return f"expected {wanted}, got {_json_type(error.instance)} {value}"
+            got = "null" if error.instance is None else f"{_json_type(error.instance)} {value}"
+            return f"expected {wanted}, got {got}"
         case "minimum":
             return f"{value} is less than the minimum {v}"
         case "maximum":

@@ -1,18 +1,54 @@
 """HTTP transport for the JSON-RPC API, on the standard library.
 
 One thread per connection, HTTP/1.1 keep-alive. Routing is a table of
-path -> HTTP method -> Route, so later endpoints (GET /events as
-server-sent events, GET /metrics) are one entry each; TLS would wrap the
-accepted sockets in _HttpServer.get_request. Every response, including
-errors found by http.server itself, carries a JSON-RPC body.
+path -> HTTP method -> Route, so each endpoint is one entry; TLS would wrap
+the accepted sockets in _HttpServer.get_request. Every response, including
+errors found by http.server itself, carries a JSON-RPC body, except the
+event stream.
+
+Endpoints:
+
+    POST /jsonrpc   JSON-RPC 2.0 requests and batches (vmhost/api/schema.yaml)
+    GET  /events    notifications as server-sent events (when the server was
+                    given an EventBus)
+
+Notifications are server-sent events (text/event-stream), not WebSocket:
+they flow one way only, SSE is plain HTTP on the same port (any HTTP client,
+`curl -N`, reads it) and needs nothing beyond the standard library. Every
+EventBus event is one SSE event:
+
+    event: <event["event"]>
+    id: <event["seq"]>
+    data: <the event as one line of JSON>
+
+and a comment line `: keepalive` is sent after KEEPALIVE_INTERVAL seconds of
+silence, so a client that vanished without closing is noticed (the write
+fails) and its subscription is closed. The stream works while the agent is
+still recovering (it does not go through the Dispatcher), has no replay
+(the `id` is for ordering and gap detection only: after a reconnect, read
+the current state through the API), and ends when the server stops. Event
+shapes (`seq` and `time`, added by the bus, are in all of them):
+
+    {"event": "job", "vmId", "jobId", "drive", "from", "to", "reason", "error"}
+        a merge job changed state (vmhost/virt/merge.py): `from` is null for
+        a new job; `to` is STARTING, COMMIT, READY, PIVOT, ABORTING, CLEANUP,
+        FAILED, or the terminal DONE / ABORTED; `error` is null unless failed
+    {"event": "vm", "vmId", "status", "pauseCode"}
+        a VM's status changed (Up, Paused, Down, ...; pauseCode NOERR or EIO)
+    {"event": "domain", "domainID", "status": "VALID" | "INVALID", "reason"}
+        a storage domain's health changed
 """
 from __future__ import annotations
 
 import logging
+import json
+import queue
 import re
+import select
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -21,6 +57,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vmhost.api.jsonrpc import INVALID_REQUEST, Dispatcher, encode_error
+from vmhost.events import EventBus, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +65,20 @@ DEFAULT_MAX_BODY = 1 << 20
 # Idle keep-alive connections (and stalled clients) give their thread back
 # after this many seconds.
 IDLE_TIMEOUT = 120.0
+# After refusing a request whose body is still arriving, discard input for at
+# most this long / this much before closing (see _RequestHandler._linger).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 << 20
+
+# How often serve_forever looks for a stop request; stop() waits up to this.
+_POLL_INTERVAL = 0.1
+# A silent event stream sends a comment this often: a client that is gone
+# without closing (host down, network cut) is noticed when the write fails.
+KEEPALIVE_INTERVAL = 15.0
+# How often a silent event stream checks whether its client closed.
+PEER_CHECK_INTERVAL = 1.0
+# Queued into open event streams by stop(), to wake them at once.
+_WAKE: dict = {}
 
 _DIGITS = re.compile(r"[0-9]{1,19}\Z")
 _INTERNAL_ERROR = -32603
@@ -41,12 +92,19 @@ class Route:
 
 class ApiServer:
     """Serves `dispatcher` at POST /jsonrpc on `address` (port 0: any free
-    port, see .port). Binds at construction; serves after start()."""
+    port, see .port), and `events` (if given) at GET /events. Binds at
+    construction; serves after start()."""
 
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher,
-                 max_body: int = DEFAULT_MAX_BODY):
+                 max_body: int = DEFAULT_MAX_BODY, events: EventBus | None = None):
         self._dispatcher = dispatcher
+        self._events = events
+        self._stopping = threading.Event()
+        self._streams: set[Subscription] = set()
+        self._streams_lock = threading.Lock()
         routes = {"/jsonrpc": {"POST": Route(self._jsonrpc, takes_body=True)}}
+        if events is not None:
+            routes["/events"] = {"GET": Route(self._event_stream)}
         self._httpd = _HttpServer(address, routes, max_body)
         self._thread: threading.Thread | None = None
 
@@ -55,12 +113,15 @@ class ApiServer:
         return self._httpd.server_address[1]
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(_POLL_INTERVAL,),
                                         name="api-server", daemon=True)
         self._thread.start()
         log.info("serving JSON-RPC on %s:%d", self._httpd.server_address[0], self.port)
 
     def stop(self) -> None:
+        # Event streams end at once rather than at their next keepalive.
+        self._stopping.set()
+        self._wake_streams()
         if self._thread is not None:
             self._httpd.shutdown()  # blocks until serve_forever returns
             self._thread.join()
@@ -87,6 +148,61 @@ class ApiServer:
             request.send_json(HTTPStatus.NO_CONTENT, None)
         else:
             request.send_json(HTTPStatus.OK, answer)
+
+
+    # --- GET /events ----------------------------------------------------------
+
+    def _event_stream(self, request: _RequestHandler, body: bytes) -> None:
+        assert self._events is not None  # the route exists only with a bus
+        # Subscribed before the headers go out: a client that has the
+        # headers misses no event published after that.
+        sub = self._events.subscribe()
+        with self._streams_lock:
+            self._streams.add(sub)
+        try:
+            request.start_event_stream()
+            self._pump(request, sub)
+        except OSError:  # the client went away (or stop() shut the socket)
+            pass
+        finally:
+            with self._streams_lock:
+                self._streams.discard(sub)
+            sub.close()
+
+    def _pump(self, request: _RequestHandler, sub: Subscription) -> None:
+        """Send events until the server stops or the client is gone."""
+        last_write = time.monotonic()
+        while not self._stopping.is_set():
+            silent_for = time.monotonic() - last_write
+            event = sub.get(timeout=max(0.0, min(PEER_CHECK_INTERVAL,
+                                                 KEEPALIVE_INTERVAL - silent_for)))
+            if event is _WAKE:
+                continue
+            if event is not None:
+                request.write_stream(format_event(event))
+            elif request.peer_closed():
+                return
+            elif time.monotonic() - last_write >= KEEPALIVE_INTERVAL:
+                request.write_stream(b": keepalive\n\n")
+            else:
+                continue
+            last_write = time.monotonic()
+
+    def _wake_streams(self) -> None:
+        with self._streams_lock:
+            streams = list(self._streams)
+        for sub in streams:
+            try:
+                sub.queue.put_nowait(_WAKE)
+            except queue.Full:  # busy anyway; stop() shutting the socket ends it
+                pass
+
+
+def format_event(event: dict) -> bytes:
+    """One bus event as one server-sent event."""
+    name = str(event.get("event", "message")).replace("\r", "").replace("\n", "")
+    data = json.dumps(event, separators=(",", ":"), default=str)  # one line: no indent
+    return f"event: {name}\nid: {event.get('seq', '')}\ndata: {data}\n\n".encode("utf-8")
 
 
 class _HttpServer(ThreadingHTTPServer):
@@ -135,6 +251,9 @@ class _HttpServer(ThreadingHTTPServer):
 
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Nobody speaks HTTP/0.9; answering unparsable request lines as 1.0
+    # gives them a status line and headers instead of a bare body.
+    default_request_version = "HTTP/1.0"
     server_version = "vmhost"
     sys_version = ""  # no need to advertise the Python version
     timeout = IDLE_TIMEOUT
@@ -209,12 +328,54 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         # An unread body is still on the socket and cannot be told apart
         # from the next request, so such a connection ends here.
-        if close or self._has_unread_body():
+        unread = self._has_unread_body()
+        if close or unread:
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
         if body is not None and self.command != "HEAD":
             self.wfile.write(body)
+        if unread:
+            self._linger()
+
+    def start_event_stream(self) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        # No length and no chunking: the stream ends when the connection does.
+        self.send_header("Connection", "close")
+        self.close_connection = True
+        self.end_headers()
+
+    def write_stream(self, data: bytes) -> None:
+        self.wfile.write(data)
+
+    def peer_closed(self) -> bool:
+        """True if the client closed its side: a stream client sends nothing
+        after its request, so readable-with-no-data means end of file."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _linger(self) -> None:
+        """Closing a socket with unread input makes the kernel send a reset,
+        which can destroy our answer before a client still busy sending its
+        body reads it (RFC 9112 section 9.6). So signal the end of our
+        answer, then discard input (never store it) for a bounded time."""
+        deadline = time.monotonic() + LINGER_SECONDS
+        drained = 0
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
 
     def _has_unread_body(self) -> bool:
         headers = getattr(self, "headers", None)

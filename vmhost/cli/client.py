@@ -9,15 +9,39 @@
 A value is kept as text when the schema says the parameter is a string;
 otherwise it is read as a JSON literal (42, true, null, [..], {..}) and kept
 as text if it is not one. Prints the JSON result; exit status 0 on success,
-1 on an API or connection error, 2 on a usage error.
+1 on an API or connection error (or a job that did not succeed), 2 on a
+usage error.
+
+Commands that are more than one call:
+
+    vmhost-client VM merge vmID=... drive='{"domainID": ..., "imageID": ..., "volumeID": <leaf>}'
+        baseVolUUID=... topVolUUID=... [bandwidth=N] [jobUUID=...] [--wait]
+
+  Without --wait, prints the job UUID. With --wait, follows the job (a
+  progress bar on stderr) until it leaves vmJobs and prints its outcome,
+  {"jobUUID": ..., "state": "done" | "aborted" | "failed", ...}; exit 0 only
+  for done. Ctrl-C stops waiting, not the merge (the message says how to
+  abort it).
+
+    vmhost-client snapshot remove vmID=... imageID=... volumeID=V [bandwidth=N]
+
+  Removes volume V from the drive's chain while the VM runs, for people
+  without an engine: V's data is merged into its parent (an active merge if
+  V is the leaf, an internal merge otherwise), then V is deleted. Prints the
+  new chain, base first. The base volume cannot be removed (exit 2): remove
+  its child instead, which merges the child into the base. If the merge does
+  not succeed, exit 1 and nothing is deleted. Always waits (--wait is
+  accepted and implied).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
+import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from vmhost.api.schema import Schema, UnknownVerb, load_schema
 from vmhost.client import DEFAULT_URL, Client, RpcError, TransportError
@@ -25,6 +49,17 @@ from vmhost.client import DEFAULT_URL, Client, RpcError, TransportError
 
 class UsageError(Exception):
     pass
+
+
+class CommandFailed(Exception):
+    """The command ran and did not succeed: `message` goes to stderr, `result`
+    (if any) is still printed on stdout, and the exit status is `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int = 1, result: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+        self.result = result
 
 
 # A command turns the words after "Namespace verb" into a result.
@@ -56,12 +91,20 @@ def main(argv: list[str] | None = None) -> int:
             result = command(client, name, args.args)
     except UsageError as e:
         parser.error(str(e))
+    except CommandFailed as e:
+        if e.result is not None:
+            print(json.dumps(e.result, indent=2))
+        print(e.message, file=sys.stderr)
+        return e.exit_code
     except RpcError as e:
         print(f"error {e.code}: {e.message}", file=sys.stderr)
         return 1
     except TransportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(json.dumps(result, indent=2))
     return 0
 
@@ -115,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmhost-client",
         description="Call the vmhost JSON-RPC API. Options go before Namespace.",
-        epilog="example: vmhost-client VM getStats vmID=<uuid>")
+        epilog="examples: vmhost-client VM getStats vmID=<uuid>; "
+               "vmhost-client VM merge vmID=... drive='{...}' baseVolUUID=... topVolUUID=... "
+               "--wait; vmhost-client snapshot remove vmID=... imageID=... volumeID=...")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"API endpoint (default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for an answer")
     parser.add_argument("--no-validate", action="store_true",
@@ -125,6 +170,252 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="key=value",
                         help="parameters (and options of special commands)")
     return parser
+
+
+
+# --- following a merge job ----------------------------------------------------
+
+POLL_INTERVAL = 0.2   # VM.getStats about 5 times a second while waiting
+BAR_WIDTH = 10
+RECOVERING = 99       # the agent restarted and is recovering: ask again
+_TERMINAL = {"DONE": "done", "ABORTED": "aborted", "FAILED": "failed"}
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)  # a seam: tests interrupt the wait here
+
+
+class ProgressBar:
+    """One line on a terminal, redrawn in place: `[#####.....]  45%  commit`."""
+
+    def __init__(self, out: TextIO):
+        self._out = out
+        self._shown = ""
+
+    def draw(self, job: Mapping[str, Any]) -> None:
+        line = progress_line(job)
+        if line != self._shown:  # no flood of identical lines into a log
+            # Padding wipes what a longer previous line left behind.
+            self._out.write("\r" + line.ljust(len(self._shown)))
+            self._out.flush()
+            self._shown = line
+
+    def finish(self) -> None:
+        if self._shown:
+            self._out.write("\n")
+            self._out.flush()
+            self._shown = ""
+
+
+def progress_line(job: Mapping[str, Any]) -> str:
+    """cur and end are strings of integers (VDSM's vmJobs); end 0 = not known yet."""
+    try:
+        cur, end = int(job.get("cur", 0)), int(job.get("end", 0))
+    except (TypeError, ValueError):
+        cur, end = 0, 0
+    percent = min(100, cur * 100 // end) if end > 0 else 0
+    done = min(BAR_WIDTH, (percent * BAR_WIDTH + 50) // 100)
+    bar = "#" * done + "." * (BAR_WIDTH - done)
+    return f"[{bar}] {percent:3d}%  {job.get('state', '')}"
+
+
+def wait_for_job(client: Client, vm_id: str, job_id: str, *, image: str | None = None,
+                 top: str | None = None, interrupt_hint: str = "",
+                 progress: TextIO | None = None) -> dict[str, Any]:
+    """Follow a merge job until it leaves vmJobs, or shows FAILED there.
+    Returns {"jobUUID", "state": done | aborted | failed | unknown, "error"?}.
+    Ctrl-C raises CommandFailed (exit 130) saying how to abort the job."""
+    bar = ProgressBar(progress or sys.stderr)
+    try:
+        while True:
+            seen, job = _poll_job(client, vm_id, job_id)
+            if seen == "gone":
+                break
+            if job.get("state") == "failed":
+                return {"jobUUID": job_id, "state": "failed", "error": job.get("error", "")}
+            if seen == "running":
+                bar.draw(job)
+            _pause(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        raise CommandFailed(_stopped_waiting(client, vm_id, job_id, interrupt_hint), 130) from None
+    finally:
+        bar.finish()
+    return job_outcome(client, vm_id, job_id, image=image, top=top)
+
+
+def _poll_job(client: Client, vm_id: str, job_id: str) -> tuple[str, dict[str, Any]]:
+    """("running", the job's vmJobs entry), ("gone", {}) once it left vmJobs,
+    or ("unknown", {}) while nothing can be said (the agent is recovering)."""
+    try:
+        stats = client.call("VM.getStats", vmID=vm_id)[0]
+    except RpcError as e:
+        if e.code == RECOVERING:
+            return "unknown", {}
+        raise
+    jobs = stats.get("vmJobs")
+    if jobs is None:  # reported only once the agent checked the jobs against libvirt
+        return "unknown", {}
+    job = jobs.get(job_id)
+    return ("running", job) if job is not None else ("gone", {})
+
+
+def job_outcome(client: Client, vm_id: str, job_id: str, *, image: str | None = None,
+                top: str | None = None) -> dict[str, Any]:
+    """How a job that left vmJobs ended: from the job history, or (the
+    history is in memory and lost when the agent restarts) from the chain:
+    the merge succeeded iff top left the drive's chain."""
+    for entry in reversed(client.call("Host.getJobHistory")):
+        if entry.get("id") == job_id:
+            outcome = {"jobUUID": job_id, "state": _TERMINAL.get(entry.get("state"), "unknown")}
+            if entry.get("error"):
+                outcome["error"] = entry["error"]
+            return outcome
+    if image and top:
+        chain = volume_ids(find_drive(client, vm_id, image))
+        if top not in chain:
+            return {"jobUUID": job_id, "state": "done"}
+    return {"jobUUID": job_id, "state": "unknown",
+            "error": "the job is neither running nor in the job history"}
+
+
+def _stopped_waiting(client: Client, vm_id: str, job_id: str, hint: str) -> str:
+    lines = [f"stopped waiting; merge job {job_id} goes on in the agent.",
+             f"To abort it: vmhost-client{_url_option(client)} VM abortMerge vmID={vm_id} jobUUID={job_id}"]
+    if hint:
+        lines.append(hint)
+    return "\n".join(lines)
+
+
+def check_outcome(outcome: dict[str, Any], detail: str = "") -> dict[str, Any]:
+    """The outcome if done; otherwise CommandFailed with it (exit 1)."""
+    if outcome["state"] == "done":
+        return outcome
+    job_id = outcome["jobUUID"]
+    if outcome["state"] == "aborted":
+        message = f"merge job {job_id} was aborted; the chain is unchanged"
+    elif outcome["state"] == "failed":
+        message = f"merge job {job_id} failed: {outcome.get('error', '')}"
+    else:
+        message = f"merge job {job_id}: outcome unknown: {outcome.get('error', '')}"
+    if detail:
+        message += f"\n{detail}"
+    raise CommandFailed(message, 1, outcome)
+
+
+def _split_flags(args: list[str], allowed: set[str]) -> tuple[set[str], list[str]]:
+    flags = {a for a in args if a.startswith("--")}
+    unknown = sorted(flags - allowed)
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} (options here: {', '.join(sorted(allowed))})")
+    return flags, [a for a in args if not a.startswith("--")]
+
+
+# --- VM merge [--wait] ------------------------------------------------------------
+
+def merge_command(client: Client, verb: str, args: list[str]) -> Any:
+    flags, words = _split_flags(args, {"--wait"})
+    params = parse_params(load_schema(), verb, words)
+    job_id = client.call(verb, **params)
+    if "--wait" not in flags:
+        return job_id
+    drive = params.get("drive")
+    image = drive.get("imageID") if isinstance(drive, dict) else None
+    outcome = wait_for_job(client, params["vmID"], job_id, image=image,
+                           top=params.get("topVolUUID"))
+    return check_outcome(outcome, _dismiss_hint(outcome, params["vmID"]))
+
+
+def _dismiss_hint(outcome: dict[str, Any], vm_id: str) -> str:
+    if outcome["state"] != "failed":
+        return ""
+    return ("The failed job stays in vmJobs until dismissed: vmhost-client VM dismissJob "
+            f"vmID={vm_id} jobUUID={outcome['jobUUID']}")
+
+
+# --- snapshot remove ---------------------------------------------------------------
+
+def find_drive(client: Client, vm_id: str, image: str) -> dict[str, Any]:
+    vms = client.call("Host.getVMFullList", vmList=[vm_id])
+    if not vms:
+        raise CommandFailed(f"error: no VM {vm_id} on this host")
+    for device in vms[0].get("devices", []):
+        if device.get("imageID") == image and "volumeChain" in device:
+            return device
+    raise CommandFailed(f"error: VM {vm_id} has no drive with image {image}")
+
+
+def volume_ids(drive: Mapping[str, Any]) -> list[str]:
+    return [v["volumeID"] for v in drive["volumeChain"]]
+
+
+def removal_plan(chain: list[str], volume: str) -> tuple[str, str]:
+    """(base, top) of the merge that removes `volume` from `chain` (base
+    first): its data goes into its parent. The base has no parent to go to."""
+    if volume not in chain:
+        raise CommandFailed(f"error: volume {volume} is not in the chain {chain}")
+    index = chain.index(volume)
+    if index == 0:
+        child = f"; remove its child {chain[1]} instead" if len(chain) > 1 else \
+            " (it is the only volume)"
+        raise UsageError(f"volume {volume} is the base of the chain and cannot be removed{child}")
+    return chain[index - 1], volume
+
+
+def _key_values(words: list[str], required: tuple[str, ...],
+                optional: tuple[str, ...] = ()) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for word in words:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            raise UsageError(f"expected key=value, got {word!r}")
+        if key not in required and key not in optional:
+            raise UsageError(f"unknown parameter {key!r} (expected {', '.join(required + optional)})")
+        if key in values:
+            raise UsageError(f"parameter {key!r} given twice")
+        values[key] = value
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise UsageError(f"missing {', '.join(k + '=...' for k in missing)}")
+    return values
+
+
+def snapshot_remove(client: Client, verb: str, args: list[str]) -> list[str]:
+    _, words = _split_flags(args, {"--wait"})  # waiting is implied
+    opts = _key_values(words, ("vmID", "imageID", "volumeID"), ("bandwidth",))
+    vm_id, image, volume = opts["vmID"], opts["imageID"], opts["volumeID"]
+    extra: dict[str, Any] = {}
+    if "bandwidth" in opts:
+        if not opts["bandwidth"].isdigit():
+            raise UsageError(f"bandwidth must be a non-negative integer, got {opts['bandwidth']!r}")
+        extra["bandwidth"] = int(opts["bandwidth"])
+    drive = find_drive(client, vm_id, image)
+    chain = volume_ids(drive)
+    base, top = removal_plan(chain, volume)
+    # Our own job id: the abort hint can name it even if the answer is lost.
+    job_id = str(uuid.uuid4())
+    client.call("VM.merge", vmID=vm_id, jobUUID=job_id, baseVolUUID=base, topVolUUID=top,
+                drive={"domainID": drive["domainID"], "imageID": image, "volumeID": chain[-1]},
+                **extra)
+    delete = (f"Once it is done, delete the volume: vmhost-client{_url_option(client)} Volume delete "
+              f"storagedomainID={drive['domainID']} imageID={image} volumeID={volume}")
+    outcome = wait_for_job(client, vm_id, job_id, image=image, top=top, interrupt_hint=delete)
+    check_outcome(outcome, "\n".join(filter(None, [f"volume {volume} was not deleted",
+                                                    _dismiss_hint(outcome, vm_id)])))
+    new_chain = volume_ids(find_drive(client, vm_id, image))
+    if volume in new_chain:  # never delete a volume the VM still reads
+        raise CommandFailed(f"error: merge job {job_id} is done but {volume} is still in the "
+                            f"chain {new_chain}; it was not deleted", 1, new_chain)
+    client.call("Volume.delete", storagedomainID=drive["domainID"], imageID=image,
+                volumeID=volume)
+    return new_chain
+
+
+def _url_option(client: Client) -> str:
+    return "" if client.url == DEFAULT_URL else f" --url {client.url}"
+
+
+COMMANDS["VM.merge"] = merge_command
+COMMANDS["snapshot.remove"] = snapshot_remove
 
 
 if __name__ == "__main__":

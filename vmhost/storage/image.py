@@ -107,3 +107,60 @@ class Image:
         want = VolType.INTERNAL if self.children(vol) else VolType.LEAF
         if md.voltype is not VolType.SHARED and md.voltype is not want:
             self.domain.write_metadata(md.replace(voltype=want, generation=md.generation + 1))
+
+    # --- chain repair -------------------------------------------------------
+
+    def sync_chain(self, leaf: str, actual: list[str]) -> str:
+        """Make metadata agree with `actual`, the chain QEMU runs (base first).
+
+        VDSM's four cases, idempotent, walking the storage chain from `leaf`:
+        1. the leaf is not in `actual` (a pivot is about to happen or happened):
+           mark the leaf ILLEGAL, touch nothing else;
+        2. internal volumes are missing (merged away): each volume of `actual`
+           gets its parent pointer from `actual`;
+        3. nothing is missing and the leaf is ILLEGAL (a pivot failed): LEGAL;
+        4. otherwise nothing to do.
+        Returns the case applied, for logs and the API.
+        """
+        chain = self.chain(leaf)
+        ids = [md.volume for md in chain]
+        unknown = [v for v in actual if v not in ids]
+        if unknown:
+            raise errors.InvalidParameter(
+                f"image {self.uuid}: volumes {unknown} of the live chain are not in the "
+                f"storage chain of {leaf}")
+        if leaf not in actual:
+            self._set_legality(chain[-1], Legality.ILLEGAL)
+            return "leaf-missing"
+        if len(actual) < len(ids):
+            for i, vol in enumerate(actual):
+                want = actual[i - 1] if i else chain[0].parent
+                md = self.volume(vol)
+                if md.parent != want:
+                    self.domain.write_metadata(md.replace(parent=want,
+                                                          generation=md.generation + 1))
+            return "internal-missing"
+        if chain[-1].legality is Legality.ILLEGAL:
+            self._set_legality(chain[-1], Legality.LEGAL)
+            return "leaf-illegal"
+        return "in-sync"
+
+    def finish_merge(self, base: str, merged: list[str], capacity: int, base_is_leaf: bool) -> None:
+        """After a merge the chain proves done: the base holds the data (and
+        the capacity) of what was merged into it; merged-away volumes become
+        ILLEGAL so Volume.delete can remove them. Idempotent."""
+        md = self.volume(base)
+        want = md.replace(capacity=max(md.capacity, capacity),
+                          voltype=VolType.LEAF if base_is_leaf else md.voltype)
+        if md.voltype is VolType.SHARED:
+            want = want.replace(voltype=VolType.SHARED)
+        if want != md:
+            self.domain.write_metadata(want.replace(generation=md.generation + 1))
+        for vol in merged:
+            if self.domain.has_volume(self.uuid, vol):
+                self._set_legality(self.volume(vol), Legality.ILLEGAL)
+
+    def _set_legality(self, md: VolumeMetadata, legality: Legality) -> None:
+        if md.legality is not legality:
+            self.domain.write_metadata(md.replace(legality=legality,
+                                                  generation=md.generation + 1))

@@ -209,6 +209,26 @@ class StorageService:
                 for md in chain]
         return PreparedImage(chain=refs, format=chain[-1].format.qemu)
 
+    def sync_volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
+                          actual: list[str]) -> str:
+        """Storage half of a chain sync (see Image.sync_chain); returns the case."""
+        image = self._image(sd_uuid, img_uuid)
+        for i, vol in enumerate(actual):
+            check_uuid(vol, f"actual[{i}]")
+        with self._image_lock(sd_uuid, img_uuid):
+            case = image.sync_chain(check_uuid(leaf_uuid, "leaf"), actual)
+        log.info("image %s: chain sync from %s to %s: %s", img_uuid, leaf_uuid, actual, case)
+        return case
+
+    def finish_merge(self, sd_uuid: str, img_uuid: str, base: str, merged: list[str],
+                     capacity: int, base_is_leaf: bool) -> None:
+        image = self._image(sd_uuid, img_uuid)
+        with self._image_lock(sd_uuid, img_uuid):
+            image.finish_merge(base, merged, capacity, base_is_leaf)
+
+    def domain_valid(self, sd_uuid: str) -> bool:
+        return bool(self.domain_status(sd_uuid).valid)
+
     @staticmethod
     def _volume_dict(image: Image, md: VolumeMetadata) -> dict:
         size = image.domain.size(md.image, md.volume)

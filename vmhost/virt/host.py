@@ -21,12 +21,16 @@ def detect_virt_type(conn: libvirt.virConnect) -> str:
 
 
 class HostService:
-    def __init__(self, conn_provider, virt_type: str):
+    def __init__(self, conn_provider, virt_type: str, pending_work=lambda: []):
         self._conn = conn_provider
         self.virt_type = virt_type
+        self._pending_work = pending_work
 
     def ping(self) -> bool:
         return True
+
+    def pending_work(self) -> list[dict]:
+        return self._pending_work()
 
     def capabilities(self) -> dict:
         conn = self._conn()

@@ -15,7 +15,9 @@ import libvirt
 from vmhost import errors
 from vmhost.ids import check_uuid
 from vmhost.refs import PreparedImage
+from vmhost.scheduler import Scheduler
 from vmhost.virt import domxml
+from vmhost.virt.merge import MergeConfig, Merger
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
 from vmhost.virt.vmdef import RESUME_BEHAVIORS, DefinitionError, Drive, VmDefinition
@@ -32,12 +34,18 @@ class ImagePreparer(Protocol):
 
 class VmService:
     def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
-                 virt_type: str):
+                 virt_type: str, scheduler: Scheduler, merge_config: MergeConfig | None = None,
+                 publish: Callable[[dict], None] = lambda event: None):
         self._conn = conn
         self._storage = storage
         self.virt_type = virt_type
         self._lock = threading.Lock()
         self._vms: dict[str, Vm] = {}
+        self._publish = publish
+        self.merger = Merger(storage, scheduler, self.get,
+                             domain_of=lambda vm: vm.domain(self._conn()),
+                             persist=lambda vm: vm.persist(self._conn()),
+                             config=merge_config, publish=publish)
 
     # --- lookup -----------------------------------------------------------
 
@@ -47,6 +55,9 @@ class VmService:
             return self._vms[vm_id]
         except KeyError:
             raise errors.NoSuchVM(vm_id) from None
+
+    def get(self, vm_id: str) -> Vm | None:
+        return self._vms.get(vm_id)
 
     def vms(self) -> list[Vm]:
         with self._lock:
@@ -67,6 +78,7 @@ class VmService:
                 raise errors.VMExists(vm_id)
             # Reserve the id so a concurrent create of the same VM fails fast.
             vm = Vm(definition, status="WaitForLaunch")
+            vm.jobs_known = True
             self._vms[vm_id] = vm
         try:
             with vm.lock:
@@ -152,10 +164,31 @@ class VmService:
     # --- reporting --------------------------------------------------------
 
     def get_stats(self, vm_id: str) -> list[dict]:
-        return [self._vm(vm_id).stats()]
+        return [self._stats(self._vm(vm_id))]
 
     def all_stats(self) -> list[dict]:
-        return [vm.stats() for vm in self.vms()]
+        return [self._stats(vm) for vm in self.vms()]
+
+    def _stats(self, vm: Vm) -> dict:
+        stats = vm.stats()
+        if vm.jobs_known:
+            stats["vmJobs"] = self.merger.job_stats(vm)
+        return stats
+
+    # --- merge ----------------------------------------------------------------
+
+    def merge(self, vm_id: str, drive: dict, base: str, top: str, bandwidth: int = 0,
+              job_id: str | None = None) -> str:
+        return self.merger.merge(self._vm(vm_id), drive, base, top, bandwidth, job_id)
+
+    def abort_merge(self, vm_id: str, job_id: str) -> dict:
+        return self.merger.abort(self._vm(vm_id), job_id)
+
+    def dismiss_job(self, vm_id: str, job_id: str) -> None:
+        self.merger.dismiss(self._vm(vm_id), job_id)
+
+    def job_history(self) -> list[dict]:
+        return list(self.merger.history)
 
     def list(self, full_status: bool = False, vm_list: list[str] | None = None,
              only_uuid: bool = False) -> list:
@@ -185,6 +218,10 @@ class VmService:
                 raise errors.SnapshotFailed(f"VM {vm_id} is down")
             targets = self._snapshot_targets(vm, snap_drives)
             names = [t.drive for t in targets]
+            busy = self.merger.busy_drives(vm) & set(names)
+            if busy:
+                raise errors.SnapshotFailed(f"drive(s) {', '.join(sorted(busy))} have a merge "
+                                            "in progress")
             others = [d.name for d in vm.definition.drives if d.name not in names]
             conn = self._conn()
             dom = vm.domain(conn)
@@ -233,7 +270,7 @@ class VmService:
     def recover(self) -> int:
         """Rebuild VMs from libvirt alone; returns how many were recovered."""
         conn = self._conn()
-        found = {}
+        found: dict[str, tuple[Vm, libvirt.virDomain]] = {}
         for dom in conn.listAllDomains(0):
             try:
                 vm = self._recover_one(conn, dom)
@@ -242,9 +279,14 @@ class VmService:
                     continue  # went away while we listed
                 raise
             if vm is not None:
-                found[vm.id] = vm
+                found[vm.id] = (vm, dom)
         with self._lock:
-            self._vms.update(found)
+            self._vms.update({vm_id: vm for vm_id, (vm, _) in found.items()})
+        # Registered first: a resumed job's work item looks its VM up.
+        for vm, dom in found.values():
+            if vm.definition.jobs:
+                self.merger.resume(vm, dom)
+            vm.jobs_known = True
         log.info("recovered %d VM(s)", len(found))
         return len(found)
 
@@ -259,11 +301,14 @@ class VmService:
             log.error("domain %s: cannot recover: %s", dom.UUIDString(), e)
             return None
         vm = Vm(definition, *status_from_state(*dom.state()))
-        stale = list(definition.pending_sync)
+        # Only drives with a tracked change are asked about: a snapshot that
+        # was switching leaves, or a block job.
+        stale = sorted(set(definition.pending_sync) | set(Merger.tracked_drives(vm)))
         if stale:
-            vm.apply_live_chain(domxml.live_disks(xml), stale)
-            definition.pending_sync = []
-            vm.persist(conn)
+            changed = vm.apply_live_chain(domxml.live_disks(xml), stale)
+            if changed or definition.pending_sync:
+                definition.pending_sync = []
+                vm.persist(conn)
             log.info("VM %s: re-read chains of %s from libvirt", vm.id, ", ".join(stale))
         return vm
 
@@ -292,6 +337,10 @@ class VmService:
                 vm.pause_code = "EIO"
         elif event in (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED):
             vm.status, vm.pause_code = UP, "NOERR"
+        else:
+            return
+        self._publish({"event": "vm", "vmId": vm.id, "status": vm.status,
+                       "pauseCode": vm.pause_code})
 
 
 _STOP_REASONS = {

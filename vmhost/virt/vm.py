@@ -33,6 +33,8 @@ class Vm:
         self.status = status
         self.pause_code = pause_code
         self.exit_message = ""
+        # vmJobs is reported only once the jobs were checked against libvirt.
+        self.jobs_known = False
         # Serialises changes to this VM (definition, libvirt operations).
         self.lock = threading.RLock()
 
@@ -72,8 +74,7 @@ class Vm:
     def stats(self) -> dict:
         d = self.definition
         stats = {"vmId": d.vm_id, "vmName": d.name, "status": self.status,
-                 "pauseCode": self.pause_code, "memSize": d.mem_mib,
-                 "vmJobs": {}}
+                 "pauseCode": self.pause_code, "memSize": d.mem_mib}
         if self.status == DOWN and self.exit_message:
             stats["exitMessage"] = self.exit_message
         return stats
