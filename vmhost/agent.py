@@ -20,7 +20,7 @@ from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
 from vmhost.config import Config
 from vmhost.events import EventBus
-from vmhost.scheduler import Scheduler
+from vmhost.scheduler import DONE, Scheduler
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
 from vmhost.virt.host import HostService, detect_virt_type
@@ -73,6 +73,13 @@ class Agent:
                              "status": "VALID" if valid else "INVALID", "reason": reason})
         if valid:
             self.scheduler.notify(("domain", sd_uuid))
+            self.scheduler.submit(f"resume-eio/{sd_uuid}",
+                                  f"resume VMs paused by I/O errors on domain {sd_uuid}",
+                                  lambda: self._resume_eio(sd_uuid))
+
+    def _resume_eio(self, sd_uuid: str):
+        self.vms.resume_eio_paused(sd_uuid)
+        return DONE
 
     @property
     def ready(self) -> bool:

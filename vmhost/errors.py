@@ -96,6 +96,11 @@ class StorageDomainDoesNotExist(VmhostError):
     message = "Storage domain does not exist"
 
 
+class StorageDomainUnavailable(VmhostError):
+    code = 379
+    message = "Domain is either partially accessible or entirely inaccessible"
+
+
 class StorageDomainAlreadyExists(VmhostError):
     code = 365
     message = "Storage domain already exists"

@@ -2,6 +2,7 @@
 real QEMU, real qemu-img. A missing piece fails the test; nothing is skipped."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -23,7 +24,8 @@ MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Storage must support O_DIRECT (drives use cache='none'): keep it off tmpfs.
 TEST_BASE = os.environ.get("VMHOST_TEST_DIR", "/var/tmp/vmhost-tests")
-VM_PREFIX = "vmhost-test-"
+# Per test session: concurrent test runs on one machine never touch each other's VMs.
+VM_PREFIX = f"vmhost-test-{uuid.uuid4().hex[:6]}-"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -174,6 +176,20 @@ class Guest:
             for block in range(offset // 65536, (offset + length) // 65536):
                 owner[block] = pattern
         return [(p, b * 65536, 65536) for b, p in sorted(owner.items())]
+
+
+@contextlib.contextmanager
+def storage_hidden(path: str):
+    """A real outage at the file-system level: an empty tmpfs mounted over the
+    storage. QEMU keeps its open files and runs on; everything that opens a
+    path (the agent, its domain monitor, qemu-img) finds nothing."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vmhost-test-hide", path],
+                   check=True)
+    try:
+        assert os.listdir(path) == [], "the storage should be hidden"
+        yield
+    finally:
+        subprocess.run(["umount", "-l", path], check=True)
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):

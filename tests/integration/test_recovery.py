@@ -4,26 +4,14 @@ behind an empty tmpfs mounted over it while the agent recovers (QEMU keeps
 its open files and runs on)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import uuid
 
-from conftest import start_agent
+from conftest import VM_PREFIX, start_agent, storage_hidden
 from vmhost.virt import guestio
 
 MiB = 1 << 20
-
-
-@contextlib.contextmanager
-def storage_hidden(path: str):
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vmhost-test-hide", path],
-                   check=True)
-    try:
-        assert os.listdir(path) == [], "the storage should be hidden"
-        yield
-    finally:
-        subprocess.run(["umount", "-l", path], check=True)
 
 
 def test_kill9_restart_reports_vms_and_chains_without_storage(env, workdir):
@@ -71,7 +59,7 @@ def test_recovery_ignores_domains_without_vmhost_metadata(env, libvirtd, workdir
     foreign_img = os.path.join(workdir, "foreign.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", foreign_img, "16M"], check=True)
     os.chmod(foreign_img, 0o666)
-    foreign = libvirtd.createXML(f"""<domain type='qemu'><name>vmhost-test-foreign</name>
+    foreign = libvirtd.createXML(f"""<domain type='qemu'><name>{VM_PREFIX}foreign</name>
       <memory unit='MiB'>16</memory><os><type arch='x86_64' machine='pc'>hvm</type></os>
       <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
       <source file='{foreign_img}'/><target dev='vda' bus='virtio'/></disk></devices></domain>""", 0)

@@ -71,6 +71,8 @@ VALID = [
     ("VM.dismissJob", {"vmID": VM, "jobUUID": VM}),
     ("Host.getPendingWork", {}),
     ("Host.getJobHistory", {}),
+    ("VM.synchronizeDisks", {"vmID": VM}),
+    ("Image.reconcileVolumeChain", {"storagedomainID": SD, "imageID": IMG, "leafVolID": VOL}),
 ]
 
 

@@ -139,6 +139,10 @@ BRIDGE_CASES = [
      {"vm_id": VM, "job_id": IMG}),
     ("Host.getPendingWork", {}, "host", "pending_work", {}),
     ("Host.getJobHistory", {}, "vms", "job_history", {}),
+    ("VM.synchronizeDisks", {"vmID": VM}, "vms", "synchronize_disks", {"vm_id": VM}),
+    ("Image.reconcileVolumeChain", {**{k: v for k, v in V.items() if k != "volumeID"},
+                                    "leafVolID": VOL, "storagepoolID": BLANK},
+     "storage", "reconcile_chain", {"sd_uuid": SD, "img_uuid": IMG, "leaf_uuid": VOL}),
 ]
 
 

@@ -279,7 +279,7 @@ def test_cli_unreachable_agent(capsys, closed_port):
 
 @pytest.mark.parametrize("argv,message", [
     (["VM", "explode"], "unknown verb 'VM.explode' (VM verbs:"),
-    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, StorageDomain, VM, Volume)"),
+    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, Image, StorageDomain, VM, Volume)"),
     (["VM", "getStats", "vmID"], "expected key=value, got 'vmID'"),
     (["VM", "getStats", "=x"], "expected key=value, got '=x'"),
     (["VM", "getStats", f"vmID={VM}", f"vmID={VM}"], "parameter 'vmID' given twice"),
@@ -310,3 +310,331 @@ def test_cli_special_commands_get_their_own_arguments(capsys, url, monkeypatch, 
     with pytest.raises(SystemExit) as e:
         cli.main(["--url", url, "VM", "merge", "--bad"])
     assert e.value.code == 2 and "--bad is not an option" in capsys.readouterr().err
+
+
+# --- VM merge --wait and snapshot remove, against a fake agent ---------------------------
+
+BASE = "aaaaaaaa-0000-4000-8000-000000000001"
+MID = "aaaaaaaa-0000-4000-8000-000000000002"
+LEAF = "aaaaaaaa-0000-4000-8000-000000000003"
+JOB = "bbbbbbbb-0000-4000-8000-000000000001"
+DRIVE = {"domainID": SD, "imageID": IMG, "volumeID": LEAF}
+
+# vmJobs as the agent shows it on successive VM.getStats: (state, cur, end)
+INTERNAL = [("commit", 0, 0), ("commit", 50, 200), ("commit", 200, 200), ("cleanup", 200, 200)]
+ACTIVE = [("commit", 10, 100), ("ready", 100, 100), ("pivot", 100, 100), ("cleanup", 100, 100)]
+
+
+class MergeAgent:
+    """A fake agent running one merge job: each VM.getStats shows the next
+    step of `steps`, then the job ends as `ending` says (DONE, ABORTED, or
+    FAILED: it stays in vmJobs with an error, as the real one does)."""
+
+    def __init__(self, steps=INTERNAL, ending="DONE", chain=(BASE, MID, LEAF),
+                 history=True, unknown_polls=0):
+        self.steps = list(steps)
+        self.ending = ending
+        self.chain = list(chain)
+        self.keep_history = history
+        self.unknown_polls = unknown_polls  # answers without vmJobs first (recovery)
+        self.calls: list[tuple[str, dict]] = []
+        self.job: dict | None = None
+        self.history: list[dict] = []
+
+    def table(self):
+        def recorded(verb, handler):
+            def handle(params):
+                self.calls.append((verb, params))
+                return handler(params)
+            return handle
+        return {verb: recorded(verb, handler) for verb, handler in {
+            "VM.merge": self._merge,
+            "VM.getStats": self._stats,
+            "Host.getJobHistory": lambda p: list(self.history),
+            "Host.getVMFullList": self._full_list,
+            "Volume.delete": lambda p: True,
+            "VM.abortMerge": lambda p: {"jobUUID": p["jobUUID"], "state": "aborted"},
+        }.items()}
+
+    def verbs(self):
+        return [verb for verb, _ in self.calls]
+
+    def _merge(self, p):
+        self.job = {"id": p.get("jobUUID", JOB), "base": p["baseVolUUID"],
+                    "top": p["topVolUUID"], "step": 0}
+        return self.job["id"]
+
+    def _stats(self, p):
+        stats = {"vmId": p["vmID"], "status": "Up"}
+        if self.unknown_polls:
+            self.unknown_polls -= 1
+            return [stats]
+        stats["vmJobs"] = {}
+        job = self.job
+        if job is None:
+            return [stats]
+        entry = {"id": job["id"], "jobType": "block", "blockJobType": "commit", "drive": "vda",
+                 "imgUUID": IMG, "bandwidth": 0, "baseVolUUID": job["base"],
+                 "topVolUUID": job["top"]}
+        if job["step"] < len(self.steps):
+            state, cur, end = self.steps[job["step"]]
+            job["step"] += 1
+            stats["vmJobs"][job["id"]] = {**entry, "state": state, "cur": str(cur), "end": str(end)}
+        elif self.ending == "FAILED":
+            stats["vmJobs"][job["id"]] = {**entry, "state": "failed", "cur": "0", "end": "0",
+                                          "error": "blockCommit failed: disk on fire"}
+        else:
+            self._end(job)
+        return [stats]
+
+    def _end(self, job):
+        if self.ending == "DONE":
+            self.chain.remove(job["top"])
+        if self.keep_history:
+            self.history.append({"id": job["id"], "state": self.ending, "vmId": VM})
+        self.job = None
+
+    def _full_list(self, p):
+        chain = [{"domainID": SD, "imageID": IMG, "volumeID": v, "path": f"/x/{v}"}
+                 for v in self.chain]
+        return [{"vmId": VM, "devices": [
+            {"device": "cdrom"},
+            {"device": "disk", "name": "vda", "domainID": SD, "imageID": IMG,
+             "volumeID": self.chain[-1], "volumeChain": chain}]}]
+
+
+@pytest.fixture
+def fast_polls(monkeypatch):
+    monkeypatch.setattr(cli, "POLL_INTERVAL", 0)
+
+
+def serve(fake):
+    return start_server(fake)
+
+
+@pytest.fixture
+def merge_agent(request, fast_polls):
+    fake = MergeAgent(**getattr(request, "param", {}))
+    server = serve(fake)
+    fake.url = f"http://127.0.0.1:{server.port}/jsonrpc"
+    yield fake
+    server.stop()
+
+
+def merge_argv(url, top=MID, *extra):
+    return ["--url", url, "VM", "merge", f"vmID={VM}", f"drive={json.dumps(DRIVE)}",
+            f"baseVolUUID={BASE}", f"topVolUUID={top}", *extra]
+
+
+def test_progress_line():
+    assert cli.progress_line({"cur": "45", "end": "100", "state": "commit"}) == \
+        "[#####.....]  45%  commit"
+    assert cli.progress_line({"cur": "0", "end": "0", "state": "commit"}) == \
+        "[..........]   0%  commit"
+    assert cli.progress_line({"cur": "7", "end": "7", "state": "ready"}) == \
+        "[##########] 100%  ready"
+    assert cli.progress_line({"cur": "x", "end": "", "state": "pivot"}) == \
+        "[..........]   0%  pivot"
+
+
+def test_merge_without_wait_prints_the_job(capsys, merge_agent):
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, MID, "bandwidth=5",
+                                             f"jobUUID={JOB}"))
+    assert (code, json.loads(out), err) == (0, JOB, "")
+    assert merge_agent.calls == [("VM.merge", {
+        "vmID": VM, "drive": DRIVE, "baseVolUUID": BASE, "topVolUUID": MID, "bandwidth": 5,
+        "jobUUID": JOB})]
+
+
+def test_merge_wait_internal_done(capsys, merge_agent):
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert code == 0
+    assert json.loads(out) == {"jobUUID": JOB, "state": "done"}
+    assert err.startswith("\r[..........]   0%  commit\r[###.......]  25%  commit")
+    assert "\r[##########] 100%  commit" in err and err.endswith("cleanup\n")
+    assert merge_agent.verbs() == ["VM.merge"] + ["VM.getStats"] * 5 + ["Host.getJobHistory"]
+    assert merge_agent.chain == [BASE, LEAF]
+
+
+@pytest.mark.parametrize("merge_agent", [{"steps": ACTIVE}], indirect=True)
+def test_merge_wait_active_shows_each_state(capsys, merge_agent):
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, LEAF, "--wait"))
+    assert code == 0 and json.loads(out)["state"] == "done"
+    assert [part.split()[-1] for part in err.strip().split("\r") if part] == \
+        ["commit", "ready", "pivot", "cleanup"]
+
+
+@pytest.mark.parametrize("merge_agent", [{"ending": "FAILED"}], indirect=True)
+def test_merge_wait_failed(capsys, merge_agent):
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert code == 1
+    assert json.loads(out) == {"jobUUID": JOB, "state": "failed",
+                               "error": "blockCommit failed: disk on fire"}
+    assert f"merge job {JOB} failed: blockCommit failed: disk on fire\n" in err
+    assert f"vmhost-client VM dismissJob vmID={VM} jobUUID={JOB}" in err
+
+
+@pytest.mark.parametrize("merge_agent", [{"ending": "ABORTED"}], indirect=True)
+def test_merge_wait_aborted(capsys, merge_agent):
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert code == 1
+    assert json.loads(out) == {"jobUUID": JOB, "state": "aborted"}
+    assert f"merge job {JOB} was aborted; the chain is unchanged" in err
+    assert merge_agent.chain == [BASE, MID, LEAF]
+
+
+@pytest.mark.parametrize("merge_agent", [{"history": False}], indirect=True)
+def test_merge_outcome_from_the_chain_when_the_history_is_gone(capsys, merge_agent):
+    # The history lives in the agent's memory; after a restart the chain tells.
+    code, out, _ = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert (code, json.loads(out)) == (0, {"jobUUID": JOB, "state": "done"})
+    assert merge_agent.verbs()[-2:] == ["Host.getJobHistory", "Host.getVMFullList"]
+
+
+@pytest.mark.parametrize("merge_agent", [{"unknown_polls": 3}], indirect=True)
+def test_merge_wait_is_not_fooled_by_missing_vmjobs(capsys, merge_agent):
+    # No vmJobs at all (jobs not checked yet after a restart) is not "the job left".
+    code, out, _ = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert (code, json.loads(out)["state"]) == (0, "done")
+    assert merge_agent.verbs().count("VM.getStats") == 3 + len(INTERNAL) + 1
+
+
+def test_merge_wait_rides_out_recovery(capsys, fast_polls):
+    # The agent restarts during the wait: it answers 99 until it recovered.
+    fake = MergeAgent()
+    refusals = []
+
+    def is_ready():
+        if fake.job is not None and len(refusals) < 2:
+            refusals.append(True)
+            return False
+        return True
+
+    server = ApiServer(("127.0.0.1", 0), Dispatcher(load_schema(), fake.table(), is_ready))
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/jsonrpc"
+        code, out, _ = run(capsys, *merge_argv(url, MID, "--wait"))
+    finally:
+        server.stop()
+    assert code == 0 and json.loads(out)["state"] == "done"
+    assert len(refusals) == 2
+    assert fake.verbs().count("VM.getStats") == len(INTERNAL) + 1
+
+
+def test_ctrl_c_stops_waiting_not_the_merge(capsys, merge_agent, monkeypatch):
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_pause", interrupt)
+    code, out, err = run(capsys, *merge_argv(merge_agent.url, MID, "--wait"))
+    assert (code, out) == (130, "")
+    assert err.startswith("\r[..........]   0%  commit\n")  # the bar's line is ended
+    assert f"stopped waiting; merge job {JOB} goes on in the agent." in err
+    assert (f"To abort it: vmhost-client --url {merge_agent.url} VM abortMerge vmID={VM} "
+            f"jobUUID={JOB}") in err
+    assert "VM.abortMerge" not in merge_agent.verbs()
+
+
+def test_merge_wait_usage_errors(capsys, merge_agent):
+    with pytest.raises(SystemExit) as e:
+        cli.main(merge_argv(merge_agent.url, MID, "--follow"))
+    assert e.value.code == 2
+    assert "unknown option '--follow' (options here: --wait)" in capsys.readouterr().err
+    code, _, err = run(capsys, "--url", merge_agent.url, "VM", "merge", f"vmID={VM}", "--wait")
+    assert code == 1 and "error -32602" in err  # checked by the schema, nothing sent
+    assert merge_agent.calls == []
+
+
+def remove_argv(url, volume, *extra):
+    return ["--url", url, "snapshot", "remove", f"vmID={VM}", f"imageID={IMG}",
+            f"volumeID={volume}", *extra]
+
+
+def merge_call(fake):
+    return next(params for verb, params in fake.calls if verb == "VM.merge")
+
+
+@pytest.mark.parametrize("merge_agent", [{"steps": ACTIVE}], indirect=True)
+def test_snapshot_remove_leaf_is_an_active_merge(capsys, merge_agent):
+    code, out, err = run(capsys, *remove_argv(merge_agent.url, LEAF))
+    assert code == 0, err
+    assert json.loads(out) == [BASE, MID]
+    params = merge_call(merge_agent)
+    assert params == {"vmID": VM, "drive": DRIVE, "baseVolUUID": MID, "topVolUUID": LEAF,
+                      "jobUUID": params["jobUUID"]}
+    assert merge_agent.calls[-1] == ("Volume.delete", {
+        "storagedomainID": SD, "imageID": IMG, "volumeID": LEAF})
+
+
+def test_snapshot_remove_internal_volume(capsys, merge_agent):
+    code, out, _ = run(capsys, *remove_argv(merge_agent.url, MID, "--wait", "bandwidth=7"))
+    assert code == 0
+    assert json.loads(out) == [BASE, LEAF]
+    params = merge_call(merge_agent)
+    assert (params["drive"], params["baseVolUUID"], params["topVolUUID"], params["bandwidth"]) == \
+        (DRIVE, BASE, MID, 7)
+    assert merge_agent.calls[-1] == ("Volume.delete", {
+        "storagedomainID": SD, "imageID": IMG, "volumeID": MID})
+    # The chain was read before the merge, after it, and once by no one else.
+    assert merge_agent.verbs()[0] == "Host.getVMFullList"
+
+
+def test_snapshot_remove_refuses_the_base(capsys, merge_agent):
+    with pytest.raises(SystemExit) as e:
+        cli.main(remove_argv(merge_agent.url, BASE))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"volume {BASE} is the base of the chain and cannot be removed; "
+            f"remove its child {MID} instead") in err
+    assert merge_agent.verbs() == ["Host.getVMFullList"]
+
+
+@pytest.mark.parametrize("merge_agent", [{"ending": "FAILED"}, {"ending": "ABORTED"}],
+                         indirect=True)
+def test_snapshot_remove_deletes_nothing_when_the_merge_does_not_succeed(capsys, merge_agent):
+    code, out, err = run(capsys, *remove_argv(merge_agent.url, MID))
+    assert code == 1
+    assert json.loads(out)["state"] in ("failed", "aborted")
+    assert f"volume {MID} was not deleted" in err
+    assert "Volume.delete" not in merge_agent.verbs()
+
+
+def test_snapshot_remove_ctrl_c_says_what_is_left_to_do(capsys, merge_agent, monkeypatch):
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_pause", interrupt)
+    code, _, err = run(capsys, *remove_argv(merge_agent.url, MID))
+    assert code == 130
+    job = merge_call(merge_agent)["jobUUID"]
+    assert f"VM abortMerge vmID={VM} jobUUID={job}" in err
+    assert f"Volume delete storagedomainID={SD} imageID={IMG} volumeID={MID}" in err
+    assert "Volume.delete" not in merge_agent.verbs()
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    ([f"imageID={VOL}", f"volumeID={MID}"], f"VM {VM} has no drive with image {VOL}"),
+    ([f"imageID={IMG}", f"volumeID={VOL}"], f"volume {VOL} is not in the chain"),
+])
+def test_snapshot_remove_unknown_drive_or_volume(capsys, merge_agent, argv_tail, message):
+    code, out, err = run(capsys, "--url", merge_agent.url, "snapshot", "remove", f"vmID={VM}",
+                         *argv_tail)
+    assert (code, out) == (1, "")
+    assert message in err
+    assert merge_agent.verbs() == ["Host.getVMFullList"]
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    ([f"imageID={IMG}"], "missing volumeID=..."),
+    ([f"imageID={IMG}", f"volumeID={MID}", "size=3"], "unknown parameter 'size'"),
+    ([f"imageID={IMG}", f"volumeID={MID}", "bandwidth=-1"], "bandwidth must be a non-negative"),
+    ([f"imageID={IMG}", f"volumeID={MID}", "--force"], "unknown option '--force'"),
+    ([f"imageID={IMG}", MID], "expected key=value"),
+])
+def test_snapshot_remove_usage_errors(capsys, merge_agent, argv_tail, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--url", merge_agent.url, "snapshot", "remove", f"vmID={VM}", *argv_tail])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert merge_agent.calls == []

@@ -155,3 +155,52 @@ def test_monitor_reports_valid_then_invalid(tmp_path):
     assert events[1][0] is False and "metadata" in events[1][1]
     assert mon.status.valid is False
     mon.stop()
+
+
+def test_sync_chain_four_cases_idempotent(storage):
+    img, vols = make_chain(storage, 4)
+    b, s1, s2, leaf = vols
+    md = lambda v: storage.domain(storage.sd).read_metadata(img, v)  # noqa: E731
+    # 4: in sync.
+    assert storage.sync_volume_chain(storage.sd, img, leaf, vols) == "in-sync"
+    # 1: before an active merge of everything above s1: s2 and the leaf ILLEGAL.
+    assert storage.sync_volume_chain(storage.sd, img, leaf, [b, s1]) == "leaf-missing"
+    assert [md(v).legality.value for v in vols] == ["LEGAL", "LEGAL", "ILLEGAL", "ILLEGAL"]
+    assert [md(v).parent for v in vols] == [BLANK_UUID, b, s1, s2]
+    # 3: the pivot failed; the full chain makes them LEGAL again.
+    assert storage.sync_volume_chain(storage.sd, img, leaf, vols) == "illegal-restored"
+    assert {md(v).legality.value for v in vols} == {"LEGAL"}
+    # 2: s1 and s2 merged into b: the leaf's parent moves to b.
+    assert storage.sync_volume_chain(storage.sd, img, leaf, [b, leaf]) == "internal-missing"
+    assert md(leaf).parent == b and md(s1).parent == b and md(s2).parent == s1
+    before = {v: md(v) for v in vols}
+    assert storage.sync_volume_chain(storage.sd, img, leaf, [b, leaf]) == "in-sync"
+    assert {v: md(v) for v in vols} == before
+    with pytest.raises(errors.InvalidParameter):
+        storage.sync_volume_chain(storage.sd, img, leaf, [b, U()])
+
+
+def test_finish_merge_and_reconcile(storage):
+    img, vols = make_chain(storage, 3)
+    b, mid, leaf = vols
+    storage.finish_merge(storage.sd, img, b, [mid, leaf], capacity=32 * MiB, base_is_leaf=True)
+    info = storage.volume_info(storage.sd, img, b)
+    assert (info["voltype"], info["capacity"]) == ("LEAF", str(32 * MiB))
+    assert storage.volume_info(storage.sd, img, mid)["legality"] == "ILLEGAL"
+    # Offline: the qcow2 chain from the leaf is [b, mid, leaf]; the ILLEGAL
+    # volumes on top are dropped.
+    assert storage.reconcile_chain(storage.sd, img, leaf) == [b]
+    storage.volume_in_use = lambda sd, i, v: True
+    with pytest.raises(errors.VolumeIsBusy):
+        storage.reconcile_chain(storage.sd, img, leaf)
+
+
+def test_prober_times_out_on_a_blocking_read(tmp_path):
+    from vmhost.storage.monitor import Prober
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)           # opening it blocks like a hung mount (but can be killed)
+    probe = Prober(str(fifo), timeout=0.2)
+    ok, reason, _ = probe()
+    assert not ok and "timed out" in reason
+    ok, reason, _ = Prober(str(tmp_path / "missing"), timeout=5)()
+    assert not ok and "missing" in reason

@@ -114,23 +114,27 @@ class Image:
         """Make metadata agree with `actual`, the chain QEMU runs (base first).
 
         VDSM's four cases, idempotent, walking the storage chain from `leaf`:
-        1. the leaf is not in `actual` (a pivot is about to happen or happened):
-           mark the leaf ILLEGAL, touch nothing else;
+        1. the leaf is not in `actual` (a pivot is about to happen or
+           happened): the volumes above the last one of `actual` (just the
+           leaf when top is merged into its parent) become ILLEGAL, so that no
+           VM starts on them and an offline reconcile drops them; nothing else
+           is touched;
         2. internal volumes are missing (merged away): each volume of `actual`
            gets its parent pointer from `actual`;
-        3. nothing is missing and the leaf is ILLEGAL (a pivot failed): LEGAL;
+        3. nothing is missing and a volume is ILLEGAL (a pivot failed): LEGAL;
         4. otherwise nothing to do.
         Returns the case applied, for logs and the API.
         """
         chain = self.chain(leaf)
         ids = [md.volume for md in chain]
         unknown = [v for v in actual if v not in ids]
-        if unknown:
+        if unknown or not actual:
             raise errors.InvalidParameter(
-                f"image {self.uuid}: volumes {unknown} of the live chain are not in the "
-                f"storage chain of {leaf}")
+                f"image {self.uuid}: live chain {actual} is not part of the storage chain "
+                f"of {leaf}")
         if leaf not in actual:
-            self._set_legality(chain[-1], Legality.ILLEGAL)
+            for md in chain[ids.index(actual[-1]) + 1:]:
+                self._set_legality(md, Legality.ILLEGAL)
             return "leaf-missing"
         if len(actual) < len(ids):
             for i, vol in enumerate(actual):
@@ -140,10 +144,10 @@ class Image:
                     self.domain.write_metadata(md.replace(parent=want,
                                                           generation=md.generation + 1))
             return "internal-missing"
-        if chain[-1].legality is Legality.ILLEGAL:
-            self._set_legality(chain[-1], Legality.LEGAL)
-            return "leaf-illegal"
-        return "in-sync"
+        illegal = [md for md in chain if md.legality is Legality.ILLEGAL]
+        for md in illegal:
+            self._set_legality(md, Legality.LEGAL)
+        return "illegal-restored" if illegal else "in-sync"
 
     def finish_merge(self, base: str, merged: list[str], capacity: int, base_is_leaf: bool) -> None:
         """After a merge the chain proves done: the base holds the data (and

@@ -37,19 +37,42 @@ class DomainStatus:
         }
 
 
-def probe(path: str, timeout: float) -> tuple[bool, str, float]:
-    """Read one block of path with O_DIRECT; (ok, reason, seconds)."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
-        ["dd", f"if={path}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        threading.Thread(target=proc.wait, daemon=True, name="dd-reaper").start()
-        return False, f"read of {path} timed out after {timeout}s", time.monotonic() - start
-    elapsed = time.monotonic() - start
+class Prober:
+    """Reads one block of a path with O_DIRECT in a child process.
+
+    A read stuck on a hung mount cannot be killed (the child sleeps in D
+    state); the prober then remembers the stuck child and starts no other
+    until it is gone, so a dead mount costs one process, not one per check.
+    """
+
+    def __init__(self, path: str, timeout: float):
+        self.path = path
+        self.timeout = timeout
+        self._stuck: subprocess.Popen | None = None
+
+    def __call__(self) -> tuple[bool, str, float]:
+        if self._stuck is not None:
+            if self._stuck.poll() is None:
+                return False, f"an earlier read of {self.path} is still hung", 0.0
+            self._stuck = None
+        return self._read()
+
+    def _read(self) -> tuple[bool, str, float]:
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            ["dd", f"if={self.path}", "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self._stuck = proc
+            return (False, f"read of {self.path} timed out after {self.timeout}s",
+                    time.monotonic() - start)
+        return _result(proc, err, time.monotonic() - start)
+
+
+def _result(proc: subprocess.Popen, err: str, elapsed: float) -> tuple[bool, str, float]:
     if proc.returncode != 0:
         lines = (err or "").strip().splitlines()
         return False, lines[0] if lines else f"dd exited {proc.returncode}", elapsed
@@ -60,9 +83,8 @@ class DomainMonitor:
     def __init__(self, sd_uuid: str, probe_path: str, interval: float, timeout: float,
                  on_change: StatusCallback):
         self.sd_uuid = sd_uuid
-        self._path = probe_path
+        self._probe = Prober(probe_path, timeout)
         self._interval = interval
-        self._timeout = timeout
         self._on_change = on_change
         self._status = DomainStatus(valid=None)
         self._stop = threading.Event()
@@ -92,7 +114,7 @@ class DomainMonitor:
             self._wake.clear()
 
     def _check(self) -> None:
-        ok, reason, delay = probe(self._path, self._timeout)
+        ok, reason, delay = self._probe()
         old = self._status
         self._status = DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
                                     delay=delay)

@@ -17,6 +17,7 @@ from vmhost import errors
 from vmhost.fsutil import atomic_write
 from vmhost.ids import BLANK_UUID, check_uuid
 from vmhost.refs import PreparedImage, VolumeRef
+from vmhost.storage import qemu_img
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
@@ -225,6 +226,33 @@ class StorageService:
         image = self._image(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             image.finish_merge(base, merged, capacity, base_is_leaf)
+
+    def reconcile_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[str]:
+        """Offline repair of an image no VM runs (VDSM's reconcileVolumeChain):
+        the chain is what the qcow2 headers say, walked from `leaf_uuid`;
+        ILLEGAL volumes at its top are the marker of a pivot that happened
+        (see Image.sync_chain, case 1), so they are dropped;
+        then the metadata is synced to that chain. Returns it, base first."""
+        image = self._image(sd_uuid, img_uuid)
+        check_uuid(leaf_uuid, "leafVolID")
+        with self._image_lock(sd_uuid, img_uuid):
+            image.volume(leaf_uuid)
+            if self.volume_in_use(sd_uuid, img_uuid, leaf_uuid):
+                raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM; "
+                                          "use VM.synchronizeDisks")
+            infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
+                                  backing_chain=True)
+            chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
+            for vol in chain:
+                if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
+                    raise errors.ImageFileNotFound(
+                        f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
+            # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
+            while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
+                chain.pop()
+            case = image.sync_chain(leaf_uuid, chain)
+        log.info("image %s reconciled from %s: %s (%s)", img_uuid, leaf_uuid, chain, case)
+        return chain
 
     def domain_valid(self, sd_uuid: str) -> bool:
         return bool(self.domain_status(sd_uuid).valid)

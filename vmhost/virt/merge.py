@@ -20,9 +20,9 @@ State table (recovery = what a restarted agent does; it is the same step):
 |          |                                         | chain -> CLEANUP; else call blockCommit (again) -> COMMIT  |
 | COMMIT   | blockCommit was called                  | job present: report cur/end; active and <mirror            |
 |          |                                         | ready='yes'> -> READY. job absent -> CLEANUP               |
-| READY    | active job ready; before marking the    | needs the domain VALID: mark the leaf ILLEGAL (storage     |
-|          | leaf ILLEGAL                            | sync without the leaf); if that fails, no pivot, retry     |
-|          |                                         | later. Then -> PIVOT                                       |
+| READY    | active job ready; before marking the    | needs the domain VALID: mark base+1..leaf ILLEGAL (storage |
+|          | leaf ILLEGAL                            | sync to the chain after the pivot); if that fails, no      |
+|          |                                         | pivot, retry later. Then -> PIVOT                          |
 | PIVOT    | leaf is ILLEGAL; before blockJobAbort   | job present and ready: pivot, wait until the live chain    |
 |          | (PIVOT)                                 | shows base as leaf -> CLEANUP. Pivot error: leaf LEGAL     |
 |          |                                         | again, attempts+1 -> READY (retry with backoff), or past   |
@@ -414,14 +414,15 @@ class Merger:
         if blocked:
             return blocked
         chain = self._live_chain(dom, job)
-        # The crash-safety marker: a leaf that may have been pivoted away from
-        # must never be started again. No marker, no pivot.
+        # The crash-safety marker: volumes that a pivot may leave behind must
+        # never be started again (the chain as it will be after the pivot,
+        # storage case 1). No marker, no pivot.
         try:
             self._storage.sync_volume_chain(job.domain, job.image, job.leaf,
-                                            [v for v in chain if v != job.leaf])
+                                            chain[:chain.index(job.base) + 1])
         except Exception as e:
             return Retry(f"cannot mark leaf {job.leaf} ILLEGAL before pivot: {e}")
-        self._transition(vm, job, State.PIVOT, f"leaf {job.leaf} marked ILLEGAL")
+        self._transition(vm, job, State.PIVOT, f"volumes above base {job.base} marked ILLEGAL")
         return None
 
     def _step_pivot(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:

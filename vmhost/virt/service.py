@@ -17,6 +17,7 @@ from vmhost.ids import check_uuid
 from vmhost.refs import PreparedImage
 from vmhost.scheduler import Scheduler
 from vmhost.virt import domxml
+from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.merge import MergeConfig, Merger
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
@@ -46,6 +47,9 @@ class VmService:
                              domain_of=lambda vm: vm.domain(self._conn()),
                              persist=lambda vm: vm.persist(self._conn()),
                              config=merge_config, publish=publish)
+        self.disksync = DiskSynchronizer(storage, scheduler, self.get,
+                                         xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
+                                         persist=lambda vm: vm.persist(self._conn()))
 
     # --- lookup -----------------------------------------------------------
 
@@ -190,6 +194,38 @@ class VmService:
     def job_history(self) -> list[dict]:
         return list(self.merger.history)
 
+    # --- disk synchronization and I/O error recovery ---------------------------
+
+    def synchronize_disks(self, vm_id: str) -> dict:
+        vm = self._vm(vm_id)
+        result = self.disksync.synchronize(vm)
+        # A job record that came with the VM (from another host, or finished
+        # while nobody watched) is resolved from the chain by its own step.
+        if vm.definition.jobs:
+            self.merger.resume(vm, vm.domain(self._conn()))
+        return result
+
+    def resume_eio_paused(self, sd_uuid: str) -> list[str]:
+        """A domain turned VALID: VMs paused by an I/O error on one of its
+        disks are resumed, left paused or killed, as their resumeBehavior says."""
+        acted = []
+        for vm in self.vms():
+            if vm.status != PAUSED or vm.pause_code != "EIO":
+                continue
+            if not any(d.domain == sd_uuid for d in vm.definition.drives):
+                continue
+            behavior = vm.definition.resume_behavior
+            log.info("VM %s paused on I/O error; domain %s is VALID: %s", vm.id, sd_uuid,
+                     behavior)
+            if behavior == "auto_resume":
+                self.cont(vm.id)
+            elif behavior == "kill":
+                self.destroy(vm.id)
+            else:
+                continue
+            acted.append(vm.id)
+        return acted
+
     def list(self, full_status: bool = False, vm_list: list[str] | None = None,
              only_uuid: bool = False) -> list:
         vms = self._select(vm_list)
@@ -286,6 +322,7 @@ class VmService:
         for vm, dom in found.values():
             if vm.definition.jobs:
                 self.merger.resume(vm, dom)
+            self.disksync.resume(vm)
             vm.jobs_known = True
         log.info("recovered %d VM(s)", len(found))
         return len(found)

@@ -59,6 +59,9 @@ class VmDefinition:
     # Drives whose chain is being changed by a libvirt call (a snapshot) and
     # must be re-read from the live XML if the agent dies in between.
     pending_sync: list[str] = dataclasses.field(default_factory=list)
+    # Storage metadata repairs not done yet: drive name -> the leaf the
+    # storage chain is to be walked from (vmhost.virt.disksync).
+    storage_sync: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def drive(self, name: str) -> Drive:
         for d in self.drives:
@@ -78,6 +81,7 @@ class VmDefinition:
             "memSize": self.mem_mib, "resumeBehavior": self.resume_behavior,
             "drives": [d.to_dict() for d in self.drives],
             "jobs": self.jobs, "pendingSync": self.pending_sync,
+            "storageSync": self.storage_sync,
         }, sort_keys=True)
 
     @classmethod
@@ -90,7 +94,8 @@ class VmDefinition:
             return cls(vm_id=d["vmId"], name=d["vmName"], mem_mib=int(d["memSize"]),
                        drives=[Drive.from_dict(x) for x in d["drives"]],
                        resume_behavior=d.get("resumeBehavior", "auto_resume"),
-                       jobs=dict(d.get("jobs", {})), pending_sync=list(d.get("pendingSync", [])))
+                       jobs=dict(d.get("jobs", {})), pending_sync=list(d.get("pendingSync", [])),
+                       storage_sync=dict(d.get("storageSync", {})))
         except DefinitionError:
             raise
         except (ValueError, KeyError, TypeError) as e:

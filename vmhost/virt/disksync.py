@@ -1,0 +1,120 @@
+"""Disk synchronization: make the VM definition and the storage metadata
+agree with the chain QEMU runs, for every drive of a VM (VM.synchronizeDisks).
+
+The VM's view is fixed at once from libvirt's live XML. The storage half
+needs the domain to be VALID: each drive's repair is recorded in the VM
+definition (persisted in the libvirt metadata, together with the leaf the
+storage chain must be walked from) before it is tried, and a repair that
+cannot run now is a scheduler item that runs when the domain turns VALID, or
+after an agent restart (recovery re-submits the recorded repairs).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol
+
+from vmhost import errors
+from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
+from vmhost.virt import domxml
+from vmhost.virt.vm import DOWN, Vm
+
+log = logging.getLogger(__name__)
+
+
+class SyncStorage(Protocol):
+    def sync_volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
+                          actual: list[str]) -> str: ...
+    def domain_valid(self, sd_uuid: str) -> bool: ...
+
+
+class DiskSynchronizer:
+    def __init__(self, storage: SyncStorage, scheduler: Scheduler,
+                 vm_lookup: Callable[[str], Vm | None],
+                 xml_of: Callable[[Vm], str], persist: Callable[[Vm], None]):
+        self._storage = storage
+        self._scheduler = scheduler
+        self._vm_lookup = vm_lookup
+        self._xml_of = xml_of
+        self._persist = persist
+
+    def synchronize(self, vm: Vm) -> dict:
+        """Sync every drive; returns {drive: {before, after, storage}}. Raises
+        naming the domain if its storage cannot be repaired now (the repair
+        stays pending and runs when the domain is VALID)."""
+        with vm.lock:
+            if vm.status == DOWN:
+                raise errors.GeneralError(f"VM {vm.id} is down")
+            live = domxml.live_disks(self._xml_of(vm))
+            result, names = {}, [d.name for d in vm.definition.drives]
+            for drive in vm.definition.drives:
+                result[drive.name] = {"domainID": drive.domain, "imageID": drive.image,
+                                      "before": drive.volume_ids()}
+                # Walk the storage chain from the leaf the storage last knew.
+                vm.definition.storage_sync.setdefault(drive.name, drive.volume)
+            vm.apply_live_chain(live, names)
+            self._persist(vm)   # the VM view and the pending repairs, before storage
+            for drive in vm.definition.drives:
+                result[drive.name]["after"] = drive.volume_ids()
+            unavailable = []
+            for name in names:
+                outcome = self._repair_drive(vm, name, result)
+                if outcome is not DONE:
+                    unavailable.append((name, outcome))
+                    self._submit(vm.id, name)
+        if unavailable:
+            drive = vm.definition.drive(unavailable[0][0])
+            raise errors.StorageDomainUnavailable(
+                f"storage domain {drive.domain} is not available: the repair of drive(s) "
+                f"{', '.join(n for n, _ in unavailable)} is pending and runs when it is VALID "
+                f"({_reason(unavailable[0][1])}); the VM definition is already synchronized")
+        return result
+
+    def resume(self, vm: Vm) -> None:
+        """After recovery: re-submit the repairs recorded in the VM definition."""
+        for name in vm.definition.storage_sync:
+            self._submit(vm.id, name)
+
+    def pending(self, vm: Vm) -> list[str]:
+        return sorted(vm.definition.storage_sync)
+
+    def _submit(self, vm_id: str, drive: str) -> None:
+        self._scheduler.submit(f"disksync/{vm_id}/{drive}",
+                               f"storage metadata repair of drive {drive} of VM {vm_id}",
+                               lambda: self._run(vm_id, drive), topics=(("vm", vm_id),))
+
+    def _run(self, vm_id: str, drive: str) -> Outcome:
+        vm = self._vm_lookup(vm_id)
+        if vm is None or drive not in vm.definition.storage_sync:
+            return DONE
+        with vm.lock:
+            return self._repair_drive(vm, drive, None)
+
+    def _repair_drive(self, vm: Vm, name: str, result: dict | None) -> Outcome:
+        walk_from = vm.definition.storage_sync.get(name)
+        if walk_from is None:
+            return DONE
+        drive = vm.definition.drive(name)
+        if not self._storage.domain_valid(drive.domain):
+            return Blocked(Requirement(f"storage domain {drive.domain} is VALID",
+                                       ("domain", drive.domain),
+                                       lambda: self._storage.domain_valid(drive.domain)))
+        try:
+            case = self._storage.sync_volume_chain(drive.domain, drive.image, walk_from,
+                                                   drive.volume_ids())
+        except Exception as e:
+            log.warning("VM %s drive %s: storage repair failed: %s", vm.id, name, e)
+            return Retry(f"storage repair of image {drive.image} failed: {e}")
+        del vm.definition.storage_sync[name]
+        self._persist(vm)
+        if result is not None:
+            result[name]["storage"] = case
+        log.info("VM %s drive %s: storage metadata in sync (%s)", vm.id, name, case)
+        return DONE
+
+
+def _reason(outcome: Outcome) -> str:
+    if isinstance(outcome, Blocked):
+        return outcome.requirement.description + " is not true"
+    if isinstance(outcome, Retry):
+        return outcome.reason
+    return str(outcome)
