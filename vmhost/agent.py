@@ -65,7 +65,8 @@ class Agent:
         self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
         self.connection.lifecycle_listeners.append(
             lambda vm_uuid, event, detail: self.scheduler.notify(("vm", vm_uuid)))
-        self.connection.block_job_listeners.append(self.vms.merger.on_block_job_event)
+        if self.config.block_job_events:
+            self.connection.block_job_listeners.append(self.vms.merger.on_block_job_event)
         self.connection.reconnect_listeners.append(self.vms.refresh_status)
 
     def _on_domain_status(self, sd_uuid: str, valid: bool, reason: str) -> None:

@@ -13,6 +13,7 @@ class Config:
     monitor_timeout: float = 10.0     # a domain read slower than this makes it INVALID
     max_request_bytes: int = 1 << 20  # larger JSON-RPC bodies are refused (413)
     job_poll_interval: float = 1.0    # seconds between polls of a running block job
+    block_job_events: bool = True     # poll at once on libvirt's BLOCK_JOB_2 event
     pivot_retries: int = 5            # failed pivots before a merge is aborted
     pivot_timeout: float = 10.0       # seconds to wait for the live XML after a pivot
     workers: int = 8                  # threads running scheduled work

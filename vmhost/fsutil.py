@@ -1,7 +1,10 @@
 """Crash-safe file writes: a reader sees the old content or the new, never a torn file."""
 from __future__ import annotations
 
+import glob
 import os
+
+from vmhost import failpoints
 
 
 def fsync_dir(path: str) -> None:
@@ -15,6 +18,7 @@ def fsync_dir(path: str) -> None:
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     """Write data to path via temp file + fsync + rename + fsync of the directory."""
     directory = os.path.dirname(path) or "."
+    _remove_stale_temps(path)
     tmp = f"{path}.tmp.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -24,12 +28,23 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    failpoints.hit("storage.metadata.temp_written")
     try:
         os.rename(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     fsync_dir(directory)
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Temp files of writers that died before their rename (one writer per
+    file: the agent holds the file's lock while it writes)."""
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
 
 
 def unlink_durable(path: str) -> bool:

@@ -223,6 +223,16 @@ def env(workdir, libvirtd):
     finally:
         e.agent.stop()  # the test may have replaced it with a restarted agent
         _destroy_test_domains(libvirtd)
+        _show_log(e.agent.log_path)
+
+
+def _show_log(path: str, lines: int = 60) -> None:
+    """Captured by pytest and shown only when the test failed."""
+    try:
+        with open(path, errors="replace") as f:
+            print(f"--- last lines of {path}", *f.readlines()[-lines:], sep="")
+    except OSError:
+        pass
 
 
 def tree_digest(root: str) -> dict[str, str]:

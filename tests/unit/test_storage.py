@@ -204,3 +204,27 @@ def test_prober_times_out_on_a_blocking_read(tmp_path):
     assert not ok and "timed out" in reason
     ok, reason, _ = Prober(str(tmp_path / "missing"), timeout=5)()
     assert not ok and "missing" in reason
+
+
+def test_atomic_write_removes_temps_of_dead_writers(tmp_path):
+    from vmhost.fsutil import atomic_write
+    target = tmp_path / "vol.meta"
+    (tmp_path / "vol.meta.tmp.99999").write_bytes(b"half")
+    atomic_write(str(target), b"whole\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vol.meta"]
+    assert target.read_bytes() == b"whole\n"
+
+
+def test_every_failpoint_is_placed_in_the_code():
+    import pathlib
+    from vmhost import failpoints
+    from vmhost.virt.merge import State
+    source = "".join(p.read_text() for p in pathlib.Path(failpoints.__file__).parent.rglob("*.py")
+                     if p.name != "failpoints.py")
+    for point in failpoints.POINTS:
+        parts = point.split(".")
+        if parts[:2] == ["merge", "save"]:
+            # merge._save hits merge.save.<state>.before/after for every state
+            assert parts[2] in State.__members__ and 'f"merge.save.{job.state.value}.' + parts[3] in source
+        else:
+            assert f'"{point}"' in source, point

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--state-dir", default=Config.state_dir)
     serve.add_argument("--libvirt-uri", default=Config.libvirt_uri)
     serve.add_argument("--monitor-interval", type=float, default=Config.monitor_interval)
+    serve.add_argument("--job-poll-interval", type=float, default=Config.job_poll_interval)
+    serve.add_argument("--pivot-retries", type=int, default=Config.pivot_retries)
+    serve.add_argument("--no-block-job-events", dest="block_job_events", action="store_false",
+                       help="ignore libvirt's block job events: poll only (for measurements)")
     serve.add_argument("--log-level", default=Config.log_level)
     demo = sub.add_parser("demo", help="create a VM, snapshot it twice, show its chain")
     demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
@@ -26,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         config = Config(listen=args.listen, state_dir=args.state_dir,
                         libvirt_uri=args.libvirt_uri, monitor_interval=args.monitor_interval,
-                        log_level=args.log_level)
+                        job_poll_interval=args.job_poll_interval,
+                        pivot_retries=args.pivot_retries,
+                        block_job_events=args.block_job_events, log_level=args.log_level)
         return serve_forever(config)
     from vmhost.cli.demo import run_demo
     return run_demo(args.state_dir, keep=args.keep)

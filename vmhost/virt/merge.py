@@ -53,7 +53,7 @@ from typing import Callable, Protocol
 
 import libvirt
 
-from vmhost import errors
+from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.virt import domxml
@@ -417,11 +417,13 @@ class Merger:
         # The crash-safety marker: volumes that a pivot may leave behind must
         # never be started again (the chain as it will be after the pivot,
         # storage case 1). No marker, no pivot.
+        failpoints.hit("merge.mark_illegal.before")
         try:
             self._storage.sync_volume_chain(job.domain, job.image, job.leaf,
                                             chain[:chain.index(job.base) + 1])
         except Exception as e:
             return Retry(f"cannot mark leaf {job.leaf} ILLEGAL before pivot: {e}")
+        failpoints.hit("merge.mark_illegal.after")
         self._transition(vm, job, State.PIVOT, f"volumes above base {job.base} marked ILLEGAL")
         return None
 
@@ -434,10 +436,12 @@ class Merger:
         if mirror is None or not mirror.ready:
             # READY can blip; wait for it to come back before pivoting.
             return Wait(self.config.poll_interval)
+        failpoints.hit("merge.pivot.before")
         try:
             dom.blockJobAbort(job.drive, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
         except libvirt.libvirtError as e:
             return self._pivot_failed(vm, dom, job, str(e))
+        failpoints.hit("merge.pivot.after")
         if not self._wait_for_pivot(dom, job):
             return Wait(self.config.poll_interval)  # checked again: job absent -> chain decides
         self._transition(vm, job, State.CLEANUP, "pivot done")
@@ -487,16 +491,21 @@ class Merger:
         # The VM's view first: it needs libvirt only.
         if vm.apply_live_chain({job.drive: live}, [job.drive]):
             self._persist(vm)
+        failpoints.hit("merge.cleanup.vm_synced")
         blocked = self._require_domain(job)
         if blocked:
             return blocked
         merged = job.top not in chain
         try:
+            failpoints.hit("merge.cleanup.storage_sync.before")
             self._storage.sync_volume_chain(job.domain, job.image, job.leaf, chain)
+            failpoints.hit("merge.cleanup.storage_sync.after")
             if merged:
+                failpoints.hit("merge.cleanup.finish_merge.before")
                 self._storage.finish_merge(job.domain, job.image, job.base,
                                            [v for v in job.merged_volumes if v not in chain],
                                            job.top_capacity, base_is_leaf=job.active)
+                failpoints.hit("merge.cleanup.finish_merge.after")
         except Exception as e:
             return Retry(f"storage cleanup of image {job.image} failed: {e}")
         if merged:
@@ -531,7 +540,9 @@ class Merger:
         if job.active:
             flags |= libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
         base, top = (f"{job.drive}[{nodes[v].index}]" for v in (job.base, job.top))
+        failpoints.hit("merge.blockcommit.before")
         dom.blockCommit(job.drive, base, top, job.bandwidth, flags)
+        failpoints.hit("merge.blockcommit.after")
 
     @staticmethod
     def _live_disk(dom: DomainAdapter, drive: str) -> domxml.LiveDisk:
@@ -556,8 +567,10 @@ class Merger:
         """Persist the record; if libvirt cannot store it, memory keeps the old one."""
         previous = vm.definition.jobs.get(job.id)
         vm.definition.jobs[job.id] = job.to_record()
+        failpoints.hit(f"merge.save.{job.state.value}.before")
         try:
             self._persist(vm)
+            failpoints.hit(f"merge.save.{job.state.value}.after")
         except BaseException:
             if previous is None:
                 vm.definition.jobs.pop(job.id, None)
@@ -573,7 +586,9 @@ class Merger:
     def _finish(self, vm: Vm, job: MergeJob, final: State, reason: str) -> None:
         old, job.state = job.state, final
         rec = vm.definition.jobs.pop(job.id)
+        failpoints.hit("merge.finish.before")
         self._persist(vm)
+        failpoints.hit("merge.finish.after")
         if job.id in self._unreported:
             self._unreported.discard(job.id)
             info = {"id": job.id, "jobType": "block", "blockJobType": "commit",

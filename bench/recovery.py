@@ -1,0 +1,288 @@
+"""Question 1: recovery at scale.
+
+N running VMs (default 10, 25, 50), of which k have a tracked merge job that
+QEMU finished while the agent was dead (its event is lost: the realistic
+crash). For each N, repeated: kill -9 the agent, then measure
+
+- the libvirt floor, in this process with the agent down: open, listAllDomains,
+  XMLDesc of every domain and blockJobInfo of every drive;
+- agent start (process spawn) -> first answer that is not 99 ("ready");
+- agent start -> every tracked job finished (DONE, storage metadata synced),
+  from the agent's job history;
+- storage calls (inotify opens/creates/renames, reads, writes) in the image
+  directories of VMs without jobs, of VMs with jobs, and of the domain, until
+  ready and until all jobs are done;
+- the naive 2014 strategy on the same VMs: a chain sync of every drive at
+  start-up (qemu-img info --backing-chain of the leaf + the metadata of every
+  volume), timed and counted the same way.
+
+Targets: ready <= 2 x floor + 1 s; 0 storage calls for VMs without jobs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+
+import libvirt
+
+from common import (LIBVIRT_URI, MiB, AccessCounter, Bench, RpcError, TransportError,
+                    default_out_dir, fmt_ms, fmt_s, foreign_vmhost_domains, host_facts, log,
+                    main_guard, md_table, median, save_result, verdict, wait_for)
+from vmhost.client import Client
+from vmhost.storage import qemu_img
+from vmhost.storage.metadata import VolumeMetadata
+
+JOB_DATA = 2 * MiB        # written into each top before its merge
+JOB_BANDWIDTH = 1         # MiB/s: the commit outlives the kill -9 of the agent
+
+
+# --- set-up -------------------------------------------------------------------
+
+def grow_fleet(bench: Bench, vms: list, n: int) -> None:
+    new = bench.create_vms(n - len(vms))
+    vms.extend(new)
+    log(f"  waiting for {len(new)} new VM(s) to finish SeaBIOS and halt")
+    bench.wait_halted(new)
+
+
+def jobs_finished_while_agent_down(bench: Bench, job_vms: list, rep: int) -> dict[str, object]:
+    """On each job VM: base..L <- A (data) <- leaf; merge A into L, kill -9
+    the agent at once, wait until QEMU has finished every commit."""
+    tops = {}
+    for vm in job_vms:
+        a = vm.snapshot()
+        vm.write(0x30 + rep % 64, MiB, JOB_DATA)
+        vm.snapshot()
+        tops[vm.id] = (vm.chain[-3], a)
+    jobs = {bench.merge(vm, *tops[vm.id], bandwidth=JOB_BANDWIDTH): vm for vm in job_vms}
+    bench.kill_agent()
+    for vm in job_vms:
+        wait_for(lambda: vm.dom().blockJobInfo("vda", 0) == {}, 120, "QEMU to finish the commit",
+                 interval=0.1)
+        vm.merged(*tops[vm.id])
+    return jobs
+
+
+# --- measurements ---------------------------------------------------------------
+
+def libvirt_floor() -> tuple[float, int, int]:
+    """What any recovery must ask libvirt: (seconds, domains, drives)."""
+    started = time.perf_counter()
+    conn = libvirt.open(LIBVIRT_URI)
+    domains = drives = 0
+    for dom in conn.listAllDomains(0):
+        xml = dom.XMLDesc(0)
+        domains += 1
+        for dev in re.findall(r"<target dev='([a-z]+)' bus=", xml):
+            dom.blockJobInfo(dev, 0)
+            drives += 1
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return elapsed, domains, drives
+
+
+def access_groups(bench: Bench, vms: list, job_vms: list) -> dict[str, list[str]]:
+    sd_dir = os.path.join(bench.storage_root, bench.sd)
+    with_jobs = {vm.id for vm in job_vms}
+    return {
+        "no_job_vms": [vm.image_dir() for vm in vms if vm.id not in with_jobs],
+        "job_vms": [vm.image_dir() for vm in job_vms],
+        "domain": [sd_dir, os.path.join(sd_dir, "images"), os.path.join(sd_dir, "dom_md")],
+    }
+
+
+def probe_ready(client: Client) -> bool:
+    try:
+        client.call("Host.getVMList")
+        return True
+    except RpcError as e:
+        if e.code != 99:
+            raise
+    except (OSError, TransportError):
+        pass
+    return False
+
+
+def agent_recovery_seconds(log_path: str) -> float | None:
+    """The agent's own 'recovery done: ..., 0.123s' (the last one in its log)."""
+    with open(log_path, errors="replace") as f:
+        found = re.findall(r"recovery done: .*?([0-9.]+)s$", f.read(), re.M)
+    return float(found[-1]) if found else None
+
+
+def measure_restart(bench: Bench, vms: list, job_vms: list, jobs: dict) -> dict:
+    counter = AccessCounter(access_groups(bench, vms, job_vms))
+    agent = bench.agent_process()
+    client = Client(agent.url, timeout=30)   # the schema is loaded before the clock starts
+    try:
+        wall0, t0 = time.time(), time.monotonic()
+        agent.start()
+        while not probe_ready(client):
+            if agent.proc.poll() is not None:
+                raise RuntimeError(f"agent exited; see {agent.log_path}")
+            time.sleep(0.005)
+        ready = time.monotonic() - t0
+        at_ready = counter.drain()
+        bench.agent = agent
+        wait_for(lambda: not (set(jobs) & bench.job_ids()), 120, "the resumed jobs to finish",
+                 interval=0.05)
+        history = {h["id"]: h for h in bench.call("Host.getJobHistory")}
+        time.sleep(0.2)   # let the last inotify events arrive
+        at_done = counter.drain()
+    finally:
+        counter.close()
+    finished = [history[j] for j in jobs if j in history]
+    states = sorted({h["state"] for h in finished})
+    return {
+        "ready_s": ready,
+        "jobs_done_s": max(h["finished"] for h in finished) - wall0 if finished else None,
+        "jobs_resumed": len(finished), "job_states": states,
+        "agent_recovery_s": agent_recovery_seconds(agent.log_path),
+        "storage_until_ready": at_ready, "storage_until_jobs_done": at_done,
+    }
+
+
+def naive_chain_sync(bench: Bench, vms: list) -> dict:
+    """The 2014 baseline: at start-up, sync every drive's chain with storage:
+    qemu-img info --backing-chain of its leaf and the metadata of each volume."""
+    chains = {i["vmId"]: i["devices"][0]["volumeChain"] for i in bench.call("Host.getVMFullList")}
+    counter = AccessCounter(access_groups(bench, vms, []))
+    try:
+        started = time.perf_counter()
+        for vm in vms:
+            chain = chains[vm.id]
+            qemu_img.info(bench.volume_path(vm.img, chain[-1]["volumeID"]), backing_chain=True)
+            for vol in chain:
+                with open(bench.volume_path(vm.img, vol["volumeID"]) + ".meta", "rb") as f:
+                    VolumeMetadata.parse(f.read())
+        elapsed = time.perf_counter() - started
+        time.sleep(0.1)
+        counts = counter.drain()
+    finally:
+        counter.close()
+    return {"seconds": elapsed, "storage": counts}
+
+
+# --- one size -------------------------------------------------------------------
+
+def measure_size(bench: Bench, vms: list, job_vms: list, reps: int) -> dict:
+    runs = []
+    for rep in range(reps):
+        jobs = jobs_finished_while_agent_down(bench, job_vms, rep)
+        floors = [libvirt_floor() for _ in range(3)]
+        run = measure_restart(bench, vms, job_vms, jobs)
+        run["floor_s"] = median([f[0] for f in floors])
+        run["floor_domains"], run["floor_drives"] = floors[0][1], floors[0][2]
+        run["naive"] = naive_chain_sync(bench, vms)
+        runs.append(run)
+        log(f"  N={len(vms)} rep {rep + 1}/{reps}: ready {run['ready_s']:.3f}s "
+            f"(floor {run['floor_s']:.3f}s), jobs done {fmt_s(run['jobs_done_s'], 3)}s, "
+            f"no-job storage {run['storage_until_jobs_done']['no_job_vms']}")
+    return summarize(len(vms), len(job_vms), runs)
+
+
+def summarize(n: int, k: int, runs: list[dict]) -> dict:
+    def med(key):
+        values = [r[key] for r in runs if r[key] is not None]
+        return median(values) if values else None
+
+    def total(phase, group, kind="opens"):
+        return sum(r[phase][group][kind] for r in runs) / len(runs)
+
+    floor, ready = med("floor_s"), med("ready_s")
+    naive = median([r["naive"]["seconds"] for r in runs])
+    no_job = sum(sum(r["storage_until_jobs_done"]["no_job_vms"].values()) for r in runs)
+    return {
+        "n": n, "k": k, "reps": len(runs), "runs": runs,
+        "floor_s": floor, "ready_s": ready, "jobs_done_s": med("jobs_done_s"),
+        "agent_recovery_s": med("agent_recovery_s"),
+        "target_s": 2 * floor + 1,
+        "ready_ok": ready <= 2 * floor + 1,
+        "no_job_storage_calls": no_job, "no_job_ok": no_job == 0,
+        "jobs_resumed_min": min(r["jobs_resumed"] for r in runs),
+        "job_states": sorted({s for r in runs for s in r["job_states"]}),
+        "storage_opens": {
+            "no_job_vms_ready": total("storage_until_ready", "no_job_vms"),
+            "no_job_vms": total("storage_until_jobs_done", "no_job_vms"),
+            "job_vms_ready": total("storage_until_ready", "job_vms"),
+            "job_vms": total("storage_until_jobs_done", "job_vms"),
+            "job_vms_writes": total("storage_until_jobs_done", "job_vms", "writes"),
+            "domain": total("storage_until_jobs_done", "domain"),
+        },
+        "naive_s": naive,
+        "naive_ready_s": ready + naive,
+        "naive_opens": median([r["naive"]["storage"]["no_job_vms"]["opens"] for r in runs]),
+        "naive_reads": median([r["naive"]["storage"]["no_job_vms"]["reads"] for r in runs]),
+    }
+
+
+# --- report ------------------------------------------------------------------------
+
+def markdown(sizes: list[dict], facts: dict, foreign: list[str]) -> str:
+    rows = []
+    for s in sizes:
+        o = s["storage_opens"]
+        rows.append([
+            s["n"], s["k"], fmt_ms(s["floor_s"], 0), fmt_ms(s["ready_s"], 0),
+            fmt_ms(s["agent_recovery_s"], 0), f"{s['ready_s'] / s['floor_s']:.1f}x",
+            fmt_ms(s["target_s"], 0), verdict(s["ready_ok"]), fmt_ms(s["jobs_done_s"], 0),
+            f"{o['no_job_vms']:.0f} ({verdict(s['no_job_ok'])})",
+            f"{o['job_vms_ready']:.0f} / {o['job_vms']:.0f}",
+            fmt_ms(s["naive_s"], 0), fmt_ms(s["naive_ready_s"], 0), f"{s['naive_opens']:.0f}",
+        ])
+    table = md_table(
+        ["N VMs", "k with job", "libvirt floor ms", "agent ready ms", "of it: recovery ms",
+         "ready / floor", "target ms (2x floor + 1 s)", "ready target", "all jobs done ms",
+         "storage calls, VMs without job", "storage calls, VMs with job (at ready / total)",
+         "naive chain sync ms", "naive ready ms (est.)", "naive storage calls"], rows)
+    reps = sizes[0]["reps"] if sizes else 0
+    notes = [
+        f"Medians of {reps} restarts per N (kill -9, then `vmhost serve`). *agent ready*: "
+        "process spawn to the first answer that is not 99; *of it: recovery*: the agent's own "
+        "`recovery done` time (libvirt reads only), the rest is interpreter start-up, imports "
+        "and listening. *libvirt floor*: a fresh connection, listAllDomains, XMLDesc of every "
+        "domain, blockJobInfo of every drive, in the bench process with the agent down. "
+        "*all jobs done*: spawn to the last tracked job's DONE (storage synced), from "
+        "Host.getJobHistory.",
+        "Storage calls: inotify opens, creates and renames in the image directories, summed over "
+        "the window from spawn until all jobs are done (per restart, mean). The domain monitor's "
+        "reads of `dom_md/metadata` are not counted as recovery. The tracked jobs are merges "
+        "that QEMU finished while the agent was dead (their event was lost), so each needs its "
+        "storage cleanup; those calls are the *VMs with job* column.",
+        "Naive chain sync (the 2014 baseline): per drive `qemu-img info --backing-chain` of the "
+        "leaf and a read of every volume's metadata, sequentially, on the same VMs; *naive "
+        "ready* = agent ready + that sync, i.e. what start-up costs if recovery waited for it.",
+    ]
+    if foreign:
+        notes.append(f"Note: {len(foreign)} running domain(s) of other vmhost agents were present "
+                     "(a concurrent test run?) and were recovered too: "
+                     + ", ".join(foreign[:5]))
+    return "## 1. Recovery at scale\n\n" + table + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10,25,50")
+    p.add_argument("--jobs", type=int, default=5, help="k: VMs with a tracked job")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--out", default=default_out_dir())
+    args = p.parse_args()
+    sizes = sorted(int(n) for n in args.sizes.split(","))
+    results = []
+    with Bench("recovery") as bench:
+        facts = host_facts(bench.conn)
+        vms: list = []
+        for n in sizes:
+            log(f"recovery: N={n}")
+            grow_fleet(bench, vms, n)
+            results.append(measure_size(bench, vms, vms[:args.jobs], args.reps))
+        foreign = foreign_vmhost_domains(bench.conn, bench.prefix)
+    save_result(args.out, "recovery", {"sizes": results, "host": facts, "foreign": foreign},
+                markdown(results, facts, foreign))
+    return 0
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,66 @@
+"""Named crash points for fault tests.
+
+`VMHOST_FAILPOINT=<name>` (or `<name>:<n>`, dying on the n-th hit) in the
+agent's environment makes it die with SIGKILL, abruptly, exactly where
+`hit(<name>)` is called: no clean-up, no flush, like a power cut of the
+agent. Unset (production), `hit` is a function that returns at once.
+
+Every point is listed in POINTS; a test checks that each is placed in the
+code, so the crash matrix always covers all of them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+ENV = "VMHOST_FAILPOINT"
+
+# The merge flow: before and after every persisted state change and every
+# side effect (libvirt calls, storage metadata writes).
+POINTS: tuple[str, ...] = (
+    "merge.save.STARTING.before", "merge.save.STARTING.after",
+    "merge.blockcommit.before", "merge.blockcommit.after",
+    "merge.save.COMMIT.before", "merge.save.COMMIT.after",
+    "merge.save.READY.before", "merge.save.READY.after",
+    "merge.mark_illegal.before", "merge.mark_illegal.after",
+    "merge.save.PIVOT.before", "merge.save.PIVOT.after",
+    "merge.pivot.before", "merge.pivot.after",
+    "merge.save.CLEANUP.before", "merge.save.CLEANUP.after",
+    "merge.cleanup.vm_synced",
+    "merge.cleanup.storage_sync.before", "merge.cleanup.storage_sync.after",
+    "merge.cleanup.finish_merge.before", "merge.cleanup.finish_merge.after",
+    "merge.finish.before", "merge.finish.after",
+    "storage.metadata.temp_written",
+)
+
+
+def _parse(spec: str) -> tuple[str, int] | None:
+    if not spec:
+        return None
+    name, _, count = spec.partition(":")
+    if name not in POINTS:
+        raise ValueError(f"{ENV}={spec!r}: unknown failpoint {name!r}")
+    return name, int(count or 1)
+
+
+_armed = _parse(os.environ.get(ENV, ""))
+_hits = 0
+_lock = threading.Lock()
+
+
+def _noop(name: str) -> None:
+    return None
+
+
+def _maybe_die(name: str) -> None:
+    global _hits
+    if _armed is None or name != _armed[0]:
+        return
+    with _lock:
+        _hits += 1
+        if _hits >= _armed[1]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+hit = _maybe_die if _armed else _noop
