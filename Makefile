@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup host venv demo test unit integration clean
+.PHONY: setup host venv demo test faults unit integration clean
 
 setup: host venv
 
@@ -22,7 +22,17 @@ demo: setup
 	$(VENV)/bin/vmhost demo
 
 test: setup
-	$(VENV)/bin/pytest -q -rf tests
+	$(VENV)/bin/pytest -q -rf -m "not faults" tests
+
+# Every fault scenario (crash matrix, random kills, libvirtd restart, storage
+# outage, QEMU crash) and 10,000 fuzzed requests; writes reports/faults.md.
+faults: setup
+	mkdir -p reports
+	rm -f reports/faults.jsonl reports/fuzz.json
+	VMHOST_FAULTS_REPORT=$(CURDIR)/reports/faults.jsonl VMHOST_FUZZ_REQUESTS=10000 \
+	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
+	    tests/integration/test_crash_matrix.py tests/integration/faults tests/faults
+	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit

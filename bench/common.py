@@ -132,6 +132,18 @@ def host_facts(conn: libvirt.virConnect | None = None) -> dict:
     return facts
 
 
+def libvirtd_identity() -> str | None:
+    """pid and start time of libvirtd: a change means it was restarted (by
+    another test run on this machine) and a measurement may be disturbed."""
+    try:
+        with open("/run/libvirtd.pid") as f:
+            pid = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{pid}@{f.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
 def process_memory(pid: int) -> dict:
     """VmRSS and VmHWM (peak RSS) of a process, in MiB."""
     out = {}
@@ -178,7 +190,7 @@ class Bench:
         self.state_dir = os.path.join(self.workdir, "state")
         self.agent_args = ["--monitor-interval", "5", *(agent_args or [])]
         self.sd = str(uuid.uuid4())
-        self.conn = libvirt.open(LIBVIRT_URI)
+        self._conn: libvirt.virConnect | None = None
         self.agent: AgentProcess | None = None
         self._boot_sector = os.path.join(self.workdir, "halt-boot-sector.bin")
         self.vms: dict[str, "BenchVm"] = {}
@@ -199,11 +211,33 @@ class Bench:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """This process's libvirt connection, reopened if libvirtd restarted
+        (other test runs on this machine restart it)."""
+        try:
+            if self._conn is not None and self._conn.isAlive():
+                return self._conn
+        except libvirt.libvirtError:
+            pass
+        self._conn = libvirt.open(LIBVIRT_URI)
+        return self._conn
+
     def close(self) -> None:
+        """Never fails half-way: every step is tried."""
         if self.agent is not None:
-            self.agent.kill9()
-        self.destroy_own_domains()
-        self.conn.close()
+            with contextlib.suppress(Exception):
+                self.agent.kill9()
+        for attempt in range(3):
+            try:
+                self.destroy_own_domains()
+                break
+            except libvirt.libvirtError as e:
+                log(f"clean-up: cannot list domains ({e}); retrying")
+                self._conn = None
+                time.sleep(2)
+        with contextlib.suppress(Exception):
+            self.conn.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def destroy_own_domains(self) -> None:
@@ -313,9 +347,18 @@ class BenchVm:
         return self.bench.conn.lookupByUUIDString(self.id)
 
     def halted(self) -> bool:
-        out = libvirt_qemu.qemuMonitorCommand(self.dom(), "info registers",
-                                              libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        try:
+            out = libvirt_qemu.qemuMonitorCommand(
+                self.dom(), "info registers", libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        except libvirt.libvirtError:
+            return False   # libvirtd restarting: ask again
         return HALT_EIP in out and "HLT=1" in out
+
+    def block_job_gone(self) -> bool:
+        try:
+            return self.dom().blockJobInfo("vda", 0) == {}
+        except libvirt.libvirtError:
+            return False
 
     def snapshot(self, size: int = 64 * MiB) -> str:
         """Switch the drive to a new leaf; returns it."""
@@ -328,9 +371,9 @@ class BenchVm:
 
     def write(self, pattern: int, offset: int, length: int, chunk: int = 64 * MiB) -> None:
         """Guest writes into the active layer, through QEMU (qemu-io in the monitor)."""
-        dom = self.dom()
         for off in range(offset, offset + length, chunk):
-            guestio.write(dom, "vda", pattern, off, min(chunk, offset + length - off))
+            n = min(chunk, offset + length - off)
+            retry_libvirt(lambda: guestio.write(self.dom(), "vda", pattern, off, n))
 
     def merged(self, base: str, top: str) -> list[str]:
         """Update the local chain after base..top merged; returns the merged volumes."""
@@ -362,6 +405,14 @@ class LibvirtJobEvents:
         self._connection = Connection(LIBVIRT_URI)
         self._connection.block_job_listeners.append(self._on_event)
         self._connection.get()
+        self._stop = threading.Event()
+        threading.Thread(target=self._keep_connected, daemon=True).start()
+
+    def _keep_connected(self) -> None:
+        # Connection.get() reopens (and re-registers) after a libvirtd restart.
+        while not self._stop.wait(0.5):
+            with contextlib.suppress(libvirt.libvirtError):
+                self._connection.get()
 
     def _on_event(self, vm_uuid: str, disk: str, job_type: int, status: int) -> None:
         with self._cond:
@@ -386,6 +437,7 @@ class LibvirtJobEvents:
                 self._cond.wait(left)
 
     def close(self) -> None:
+        self._stop.set()
         self._connection.close()
 
 
@@ -427,8 +479,8 @@ class AgentJobEvents:
                     raise TimeoutError(f"job {job_id} did not reach {states}")
                 self._cond.wait(left)
 
-    def close(self) -> None:
-        self._stream.close()
+    # No close(): EventStream is not safe to close from another thread while
+    # the reader blocks in it. The stream (and the thread) end with the agent.
 
 
 # --- storage access counting ---------------------------------------------------------
@@ -482,6 +534,18 @@ class AccessCounter:
 
 
 # --- misc -------------------------------------------------------------------------
+
+def retry_libvirt(fn: Callable[[], Any], attempts: int = 5, delay: float = 2.0) -> Any:
+    """Run an idempotent libvirt call again if libvirtd went away under it."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except libvirt.libvirtError as e:
+            if attempt == attempts - 1:
+                raise
+            log(f"libvirt call failed ({e}); retrying in {delay}s")
+            time.sleep(delay)
+
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
     deadline = time.monotonic() + timeout

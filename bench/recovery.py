@@ -59,8 +59,7 @@ def jobs_finished_while_agent_down(bench: Bench, job_vms: list, rep: int) -> dic
     jobs = {bench.merge(vm, *tops[vm.id], bandwidth=JOB_BANDWIDTH): vm for vm in job_vms}
     bench.kill_agent()
     for vm in job_vms:
-        wait_for(lambda: vm.dom().blockJobInfo("vda", 0) == {}, 120, "QEMU to finish the commit",
-                 interval=0.1)
+        wait_for(vm.block_job_gone, 120, "QEMU to finish the commit", interval=0.1)
         vm.merged(*tops[vm.id])
     return jobs
 

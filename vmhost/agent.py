@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import types
+import uuid
 
 import libvirt
 
@@ -19,6 +20,8 @@ from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
 from vmhost.config import Config
+from vmhost.fsutil import atomic_write
+from vmhost.ids import is_uuid
 from vmhost.events import EventBus
 from vmhost.scheduler import DONE, Scheduler
 from vmhost.storage.service import StorageService
@@ -30,6 +33,21 @@ from vmhost.virt.service import VmService
 log = logging.getLogger(__name__)
 
 LIBVIRT_RETRY_MAX = 5.0  # seconds between attempts to reach libvirtd at start-up
+
+
+def load_host_id(state_dir: str) -> str:
+    """This agent's identity, made once and kept in the state dir."""
+    path = os.path.join(state_dir, "host-id")
+    try:
+        with open(path) as f:
+            host_id = f.read().strip()
+        if is_uuid(host_id):
+            return host_id
+    except FileNotFoundError:
+        pass
+    host_id = str(uuid.uuid4())
+    atomic_write(path, host_id.encode() + b"\n")
+    return host_id
 
 
 class Agent:
@@ -47,7 +65,7 @@ class Agent:
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,
                                      pivot_retries=config.pivot_retries,
                                      pivot_timeout=config.pivot_timeout),
-            publish=self.events.publish)
+            publish=self.events.publish, host_id=load_host_id(config.state_dir))
         self.host = HostService(self.connection.get, virt_type="qemu",
                                 pending_work=self.scheduler.pending)
         self._wire()

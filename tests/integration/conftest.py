@@ -39,6 +39,10 @@ def libvirtd():
 
 
 def _destroy_test_domains(conn: libvirt.virConnect) -> None:
+    try:
+        conn.getLibVersion()
+    except libvirt.libvirtError:   # libvirtd was restarted by the test
+        conn = libvirt.open("qemu:///system")
     for dom in conn.listAllDomains(0):
         if dom.name().startswith(VM_PREFIX):
             try:
@@ -214,15 +218,16 @@ def start_agent(state_dir: str, **kw) -> AgentProcess:
 def env(workdir, libvirtd):
     storage_root = os.path.join(workdir, "storage")
     os.makedirs(storage_root, mode=0o755)
+    # A connection of its own: a test may restart libvirtd.
     e = Env(agent=start_agent(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
-            storage_root=storage_root, conn=libvirtd)
+            storage_root=storage_root, conn=libvirt.open("qemu:///system"))
     try:
         e.call("StorageDomain.create", storagedomainID=e.sd, domainType="localfs",
                typeArgs=storage_root, name="test")
         yield e
     finally:
         e.agent.stop()  # the test may have replaced it with a restarted agent
-        _destroy_test_domains(libvirtd)
+        _destroy_test_domains(e.conn)
         _show_log(e.agent.log_path)
 
 

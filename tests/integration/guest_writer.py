@@ -36,6 +36,19 @@ FIRST_LBA = 64                 # the first 32 KiB hold the boot sector: never wr
 BUFFER_SEGMENT = 0x1000        # the write buffer: linear 0x10000..0x17FFF
 PARAMS_BUFFER = 0x0600         # INT 13h AH=48h result (free low memory)
 LOAD_ADDRESS = 0x7C00
+BUFFER_BYTES = SECTORS_PER_CALL * SECTOR
+
+
+def w16(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def w32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+def w64(value: int) -> bytes:
+    return struct.pack("<Q", value)
 
 
 def _rel8(source_end: int, target: int) -> bytes:
@@ -62,75 +75,74 @@ def _assemble(labels: dict[str, int]) -> tuple[bytes, dict[str, int]]:
             code.extend(bytes([p]) if isinstance(p, int) else p)
 
     def addr(name: str) -> bytes:               # a 16-bit absolute address (DS = 0)
-        return struct.pack("<H", labels.get(name, 0))
+        return w16(labels.get(name, 0))
 
     def jump(opcode: int, name: str) -> None:   # a 2-byte short (conditional) jump
         emit(opcode, _rel8(here() + 2, labels.get(name, here() + 2)))
 
-    # --- set up: segments, stack, remember the boot drive -------------------
-    emit(0xFA)                                  # cli                     ; no interrupts while SS:SP change
-    emit(0x31, 0xC0)                            # xor ax, ax              ; ax = 0
-    emit(0x8E, 0xD8)                            # mov ds, ax              ; DS = 0: data at absolute addresses
-    emit(0x8E, 0xD0)                            # mov ss, ax              ; SS = 0
-    emit(0xBC, struct.pack("<H", LOAD_ADDRESS))  # mov sp, 0x7C00         ; stack grows down below the code
-    emit(0xFB)                                  # sti                     ; the BIOS needs its interrupts
-    emit(0xFC)                                  # cld                     ; string operations go up
-    emit(0x88, 0x16, addr("drive"))             # mov [drive], dl         ; the drive the BIOS booted from
+    # --- set up: segments, stack, remember the boot drive
+    emit(0xFA)                                  # cli                  ; SS:SP change as one
+    emit(0x31, 0xC0)                            # xor ax, ax           ; ax = 0
+    emit(0x8E, 0xD8)                            # mov ds, ax           ; DS = 0: absolute data
+    emit(0x8E, 0xD0)                            # mov ss, ax           ; SS = 0
+    emit(0xBC, w16(LOAD_ADDRESS))               # mov sp, 0x7C00       ; stack below the code
+    emit(0xFB)                                  # sti                  ; BIOS needs interrupts
+    emit(0xFC)                                  # cld                  ; string operations go up
+    emit(0x88, 0x16, addr("drive"))             # mov [drive], dl      ; the drive the BIOS booted
 
-    # --- disk size: INT 13h AH=48h (extended get drive parameters) ----------
-    emit(0xBE, struct.pack("<H", PARAMS_BUFFER))  # mov si, 0x0600        ; DS:SI = result buffer
-    emit(0xC7, 0x04, struct.pack("<H", 0x1A))   # mov word [si], 0x1A     ; buffer size (EDD 1.x: 26 bytes)
-    emit(0xB4, 0x48)                            # mov ah, 0x48            ; function 48h; DL = drive still
-    emit(0xCD, 0x13)                            # int 0x13                ; fills the buffer, CF = error
-    jump(0x72, "fill")                          # jc fill                 ; refused: keep size 0xFFFFFFFF
-    emit(0x66, 0x8B, 0x44, 0x10)                # mov eax, [si+0x10]      ; total sectors (low dword of qword)
-    emit(0x66, 0xA3, addr("total"))             # mov [total], eax        ; remember it
+    # --- disk size: INT 13h AH=48h (extended get drive parameters)
+    emit(0xBE, w16(PARAMS_BUFFER))              # mov si, 0x0600       ; DS:SI = result buffer
+    emit(0xC7, 0x04, w16(0x1A))                 # mov word [si], 0x1A  ; its size (EDD 1.x: 26)
+    emit(0xB4, 0x48)                            # mov ah, 0x48         ; function 48h (DL: drive)
+    emit(0xCD, 0x13)                            # int 0x13             ; fills it; CF = error
+    jump(0x72, "fill")                          # jc fill              ; refused: size stays -1
+    emit(0x66, 0x8B, 0x44, 0x10)                # mov eax, [si+0x10]   ; sectors (low dword)
+    emit(0x66, 0xA3, addr("total"))             # mov [total], eax     ; remember them
 
-    # --- the buffer: 32 KiB of PATTERN at 1000:0000 -------------------------
+    # --- the buffer: 32 KiB of PATTERN at 1000:0000
     label("fill")
-    emit(0xB8, struct.pack("<H", BUFFER_SEGMENT))  # mov ax, 0x1000       ; buffer segment
-    emit(0x8E, 0xC0)                            # mov es, ax              ; ES = buffer segment
-    emit(0x31, 0xFF)                            # xor di, di              ; ES:DI = start of the buffer
-    emit(0xB9, struct.pack("<H", SECTORS_PER_CALL * SECTOR))  # mov cx, 0x8000 ; byte count
-    emit(0xB0, PATTERN)                         # mov al, PATTERN         ; fill byte
-    emit(0xF3, 0xAA)                            # rep stosb               ; fill ES:DI, CX times
+    emit(0xB8, w16(BUFFER_SEGMENT))             # mov ax, 0x1000       ; buffer segment
+    emit(0x8E, 0xC0)                            # mov es, ax           ; ES = buffer segment
+    emit(0x31, 0xFF)                            # xor di, di           ; ES:DI = buffer start
+    emit(0xB9, w16(BUFFER_BYTES))               # mov cx, 0x8000       ; byte count
+    emit(0xB0, PATTERN)                         # mov al, 0xA5         ; fill byte
+    emit(0xF3, 0xAA)                            # rep stosb            ; fill ES:DI, CX times
 
-    # --- for ever: extended write of SECTORS_PER_CALL sectors at [lba] ------
+    # --- for ever: extended write of SECTORS_PER_CALL sectors at [lba]
     label("write")
-    emit(0xC7, 0x06, addr("count"), struct.pack("<H", SECTORS_PER_CALL))
-    #                                             mov word [count], 64    ; the BIOS overwrites it with
-    #                                                                     ; the count done: set it each time
-    emit(0xBE, addr("dap"))                     # mov si, dap             ; DS:SI = disk address packet
-    emit(0x8A, 0x16, addr("drive"))             # mov dl, [drive]         ; DL = boot drive
-    emit(0xB8, struct.pack("<H", 0x4300))       # mov ax, 0x4300          ; AH=43h extended write, AL=0 no verify
-    emit(0xCD, 0x13)                            # int 0x13                ; write; CF = error
-    jump(0x72, "wrap")                          # jc wrap                 ; failed (past the end?): start over
-    emit(0x66, 0xA1, addr("lba"))               # mov eax, [lba]          ; the LBA just written
-    emit(0x66, 0x83, 0xC0, SECTORS_PER_CALL)    # add eax, 64             ; next LBA
-    emit(0x66, 0xA3, addr("lba"))               # mov [lba], eax          ; store it
-    emit(0x66, 0x83, 0xC0, SECTORS_PER_CALL)    # add eax, 64             ; end of the next write
-    emit(0x66, 0x3B, 0x06, addr("total"))       # cmp eax, [total]        ; does it fit on the disk?
-    jump(0x76, "write")                         # jbe write               ; yes: write it
+    # mov word [count], 64 ; the BIOS stores there the count it did: reset it each time
+    emit(0xC7, 0x06, addr("count"), w16(SECTORS_PER_CALL))
+    emit(0xBE, addr("dap"))                     # mov si, dap          ; DS:SI = address packet
+    emit(0x8A, 0x16, addr("drive"))             # mov dl, [drive]      ; DL = boot drive
+    emit(0xB8, w16(0x4300))                     # mov ax, 0x4300       ; AH=43h write, AL=0
+    emit(0xCD, 0x13)                            # int 0x13             ; write; CF = error
+    jump(0x72, "wrap")                          # jc wrap              ; failed (past the end?)
+    emit(0x66, 0xA1, addr("lba"))               # mov eax, [lba]       ; the LBA just written
+    emit(0x66, 0x83, 0xC0, SECTORS_PER_CALL)    # add eax, 64          ; next LBA
+    emit(0x66, 0xA3, addr("lba"))               # mov [lba], eax       ; store it
+    emit(0x66, 0x83, 0xC0, SECTORS_PER_CALL)    # add eax, 64          ; end of the next write
+    emit(0x66, 0x3B, 0x06, addr("total"))       # cmp eax, [total]     ; on the disk?
+    jump(0x76, "write")                         # jbe write            ; yes: write it
     label("wrap")
-    emit(0x66, 0xC7, 0x06, addr("lba"), struct.pack("<I", FIRST_LBA))
-    #                                             mov dword [lba], 64     ; back to the first LBA
-    jump(0xEB, "write")                         # jmp write               ; and on
+    # mov dword [lba], 64 ; back to the first LBA
+    emit(0x66, 0xC7, 0x06, addr("lba"), w32(FIRST_LBA))
+    jump(0xEB, "write")                         # jmp write            ; and on
 
-    # --- data -----------------------------------------------------------------
+    # --- data
     label("drive")
-    emit(0x00)                                  # drive: db 0             ; BIOS drive number (0x80)
-    emit(0x00)                                  #        db 0             ; pad: align the packet
+    emit(0x00)                                  # drive: db 0          ; BIOS drive number
+    emit(0x00)                                  #        db 0          ; pad: align what follows
     label("total")
-    emit(struct.pack("<I", 0xFFFFFFFF))         # total: dd 0xFFFFFFFF    ; disk size in sectors
-    label("dap")                                # disk address packet (EDD):
-    emit(0x10)                                  #   db 16                 ; packet size
-    emit(0x00)                                  #   db 0                  ; reserved
+    emit(w32(0xFFFFFFFF))                       # total: dd -1         ; disk size in sectors
+    label("dap")                                # dap:                 ; disk address packet
+    emit(0x10)                                  #   db 16              ; packet size
+    emit(0x00)                                  #   db 0               ; reserved
     label("count")
-    emit(struct.pack("<H", SECTORS_PER_CALL))   #   dw 64                 ; sectors to transfer
-    emit(struct.pack("<H", 0))                  #   dw 0                  ; buffer offset
-    emit(struct.pack("<H", BUFFER_SEGMENT))     #   dw 0x1000             ; buffer segment
+    emit(w16(SECTORS_PER_CALL))                 #   dw 64              ; sectors to transfer
+    emit(w16(0))                                #   dw 0               ; buffer offset
+    emit(w16(BUFFER_SEGMENT))                   #   dw 0x1000          ; buffer segment
     label("lba")
-    emit(struct.pack("<Q", FIRST_LBA))          #   dq 64                 ; starting LBA
+    emit(w64(FIRST_LBA))                        #   dq 64              ; LBA to write
     return bytes(code), found
 
 

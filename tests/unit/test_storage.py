@@ -206,7 +206,9 @@ def test_prober_times_out_on_a_blocking_read(tmp_path):
     assert not ok and "missing" in reason
 
 
-def test_atomic_write_removes_temps_of_dead_writers(tmp_path):
+def test_failpoint_storage_metadata_temp_written_leaves_no_stale_temp(tmp_path):
+    """Regression (crash matrix, point storage.metadata.temp_written): a
+    writer killed between its temp file and the rename left the temp behind."""
     from vmhost.fsutil import atomic_write
     target = tmp_path / "vol.meta"
     (tmp_path / "vol.meta.tmp.99999").write_bytes(b"half")

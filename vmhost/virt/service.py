@@ -36,8 +36,9 @@ class ImagePreparer(Protocol):
 class VmService:
     def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
                  virt_type: str, scheduler: Scheduler, merge_config: MergeConfig | None = None,
-                 publish: Callable[[dict], None] = lambda event: None):
+                 publish: Callable[[dict], None] = lambda event: None, host_id: str = ""):
         self._conn = conn
+        self.host_id = host_id
         self._storage = storage
         self.virt_type = virt_type
         self._lock = threading.Lock()
@@ -109,7 +110,7 @@ class VmService:
         if behavior not in RESUME_BEHAVIORS:
             raise errors.InvalidParameter(f"resumeBehavior must be one of {RESUME_BEHAVIORS}")
         return VmDefinition(vm_id=vm_id, name=params["vmName"], mem_mib=int(params["memSize"]),
-                            drives=[], resume_behavior=behavior)
+                            drives=[], resume_behavior=behavior, host_id=self.host_id)
 
     def _prepare_drives(self, definition: VmDefinition, devices: list[dict],
                         allow_illegal: bool) -> None:
@@ -336,6 +337,12 @@ class VmService:
             definition = VmDefinition.from_json(payload)
         except DefinitionError as e:
             log.error("domain %s: cannot recover: %s", dom.UUIDString(), e)
+            return None
+        if definition.host_id and definition.host_id != self.host_id:
+            # Another agent instance runs it (one agent per libvirtd is the
+            # rule; this keeps two from driving the same VM's jobs).
+            log.warning("domain %s belongs to agent %s, not to us (%s): ignored",
+                        dom.UUIDString(), definition.host_id, self.host_id)
             return None
         vm = Vm(definition, *status_from_state(*dom.state()))
         # Only drives with a tracked change are asked about: a snapshot that

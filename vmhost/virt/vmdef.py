@@ -56,6 +56,8 @@ class VmDefinition:
     resume_behavior: str = "auto_resume"
     # Block job records (vmhost.virt.merge), keyed by job id.
     jobs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # The agent that runs the VM (its host id); recovery adopts only its own.
+    host_id: str = ""
     # Drives whose chain is being changed by a libvirt call (a snapshot) and
     # must be re-read from the live XML if the agent dies in between.
     pending_sync: list[str] = dataclasses.field(default_factory=list)
@@ -81,7 +83,7 @@ class VmDefinition:
             "memSize": self.mem_mib, "resumeBehavior": self.resume_behavior,
             "drives": [d.to_dict() for d in self.drives],
             "jobs": self.jobs, "pendingSync": self.pending_sync,
-            "storageSync": self.storage_sync,
+            "storageSync": self.storage_sync, "hostId": self.host_id,
         }, sort_keys=True)
 
     @classmethod
@@ -95,7 +97,8 @@ class VmDefinition:
                        drives=[Drive.from_dict(x) for x in d["drives"]],
                        resume_behavior=d.get("resumeBehavior", "auto_resume"),
                        jobs=dict(d.get("jobs", {})), pending_sync=list(d.get("pendingSync", [])),
-                       storage_sync=dict(d.get("storageSync", {})))
+                       storage_sync=dict(d.get("storageSync", {})),
+                       host_id=d.get("hostId", ""))
         except DefinitionError:
             raise
         except (ValueError, KeyError, TypeError) as e:
