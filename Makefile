@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup host venv demo test faults unit integration clean
+.PHONY: setup host venv demo test faults bench unit integration clean
 
 setup: host venv
 
@@ -33,6 +33,12 @@ faults: setup
 	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
 	    tests/integration/test_crash_matrix.py tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
+
+# Benchmarks (recovery at scale, merge throughput, completion latency, API):
+# about 15 minutes; writes reports/bench.md and reports/*.png. Not a test.
+bench: setup
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) bench/run_all.py
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import queue
 import re
 import shutil
 import struct
@@ -29,7 +28,7 @@ import libvirt
 import libvirt_qemu
 
 from vmhost.cli.agentproc import AgentProcess
-from vmhost.client import Client, RpcError, TransportError
+from vmhost.client import Client, TransportError
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
 from vmhost.virt import guestio
@@ -86,7 +85,7 @@ def save_result(out_dir: str, name: str, data: dict, markdown: str) -> str:
 
 
 def default_out_dir() -> str:
-    return os.environ.get("VMHOST_BENCH_OUT", os.path.join(BENCH_BASE, "results"))
+    return os.environ.get("VMHOST_BENCH_OUT", os.path.join(BENCH_BASE, "last-run"))
 
 
 # --- statistics -----------------------------------------------------------------

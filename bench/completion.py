@@ -39,9 +39,14 @@ def one_merge(bench: Bench, vm, lv: LibvirtJobEvents, events: AgentJobEvents,
     mark = lv.mark()
     job = bench.merge(vm, base, top, bandwidth=BANDWIDTH)
     _, done = events.wait(job, ("DONE",), timeout=120)
-    qemu_done = lv.wait(vm.id, "COMPLETED", mark, timeout=60)
     for gone in vm.merged(base, top):
         bench.delete_volume(vm.img, gone)
+    try:
+        # DONE comes after QEMU finished: the event is here unless it was lost.
+        qemu_done = lv.wait(vm.id, "COMPLETED", mark, timeout=5)
+    except TimeoutError:
+        log("  libvirt's COMPLETED event was lost (libvirtd restarted?): sample skipped")
+        return {"latency_s": None, "size_mib": size // MiB}
     return {"latency_s": done - qemu_done, "size_mib": size // MiB}
 
 
@@ -59,8 +64,8 @@ def run_block(bench: Bench, vms: list, lv: LibvirtJobEvents, mode: str, args: li
 
 
 def stats(samples: list[dict]) -> dict:
-    lat = [s["latency_s"] for s in samples]
-    return {"n": len(lat), "p50": percentile(lat, 50), "p90": percentile(lat, 90),
+    lat = [s["latency_s"] for s in samples if s["latency_s"] is not None]
+    return {"n": len(lat), "lost": len(samples) - len(lat), "p50": percentile(lat, 50), "p90": percentile(lat, 90),
             "p99": percentile(lat, 99), "max": max(lat) if lat else None,
             "min": min(lat) if lat else None, "latencies": lat}
 

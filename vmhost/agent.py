@@ -23,10 +23,12 @@ from vmhost.config import Config
 from vmhost.fsutil import atomic_write
 from vmhost.ids import is_uuid
 from vmhost.events import EventBus
+from vmhost.metrics import Metrics
 from vmhost.scheduler import DONE, Scheduler
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
 from vmhost.virt.host import HostService, detect_virt_type
+from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.merge import MergeConfig
 from vmhost.virt.service import VmService
 
@@ -65,22 +67,28 @@ class Agent:
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,
                                      pivot_retries=config.pivot_retries,
                                      pivot_timeout=config.pivot_timeout),
-            publish=self.events.publish, host_id=load_host_id(config.state_dir))
+            publish=self.events.publish, host_id=load_host_id(config.state_dir),
+            history=JobHistory(os.path.join(config.state_dir, "job-history.json"),
+                               config.job_history_size, config.job_history_ttl))
         self.host = HostService(self.connection.get, virt_type="qemu",
                                 pending_work=self.scheduler.pending)
+        self.metrics = Metrics(self.vms, self.scheduler, self.storage)
         self._wire()
         self._ready = threading.Event()
         self._stopping = threading.Event()
         services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms)
         self.dispatcher = Dispatcher(load_schema(), build_table(services),
-                                     is_ready=self._ready.is_set)
+                                     is_ready=self._ready.is_set,
+                                     observe=self.metrics.observe_request)
         self.server = ApiServer(config.address, self.dispatcher,
                                 max_body=config.max_request_bytes, events=self.events)
 
     def _wire(self) -> None:
+        self.events.listen(self.metrics.on_event)
         self.storage.volume_in_use = self.vms.volume_in_use
         self.storage.subscribe(self._on_domain_status)
         self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
+        self.connection.io_error_listeners.append(self.vms.on_io_error)
         self.connection.lifecycle_listeners.append(
             lambda vm_uuid, event, detail: self.scheduler.notify(("vm", vm_uuid)))
         if self.config.block_job_events:
@@ -92,12 +100,17 @@ class Agent:
                              "status": "VALID" if valid else "INVALID", "reason": reason})
         if valid:
             self.scheduler.notify(("domain", sd_uuid))
+            self._submit_resume_eio(sd_uuid)
+
+    def _submit_resume_eio(self, sd_uuid: str) -> None:
+        # Before recovery the VMs are not known yet; recovery submits it again.
+        if self.ready:
             self.scheduler.submit(f"resume-eio/{sd_uuid}",
                                   f"resume VMs paused by I/O errors on domain {sd_uuid}",
                                   lambda: self._resume_eio(sd_uuid))
 
     def _resume_eio(self, sd_uuid: str):
-        self.vms.resume_eio_paused(sd_uuid)
+        self.vms.resume_eio_paused(sd_uuid, lambda: self.storage.domain_valid(sd_uuid))
         return DONE
 
     @property
@@ -139,5 +152,10 @@ class Agent:
         else:
             return
         self._ready.set()
+        self.metrics.recovery_seconds.set(time.monotonic() - started)
+        # Domains that turned VALID while we recovered: their EIO pass is due now.
+        for sd_uuid in self.storage.repo_stats():
+            if self.storage.domain_valid(sd_uuid):
+                self._submit_resume_eio(sd_uuid)
         log.info("recovery done: %d VM(s), virt type %s, %.3fs", count, virt_type,
                  time.monotonic() - started)

@@ -14,17 +14,26 @@ Notifications (server-sent events from GET /events, same host and port):
             ...
 
 Each stream has its own connection, so calls can go on meanwhile.
+
+An agent serving HTTPS wants a client certificate signed by its CA (mutual
+TLS), and is checked against `tls_ca` (its certificate must name the host
+in the URL):
+
+    Client("https://localhost:54321/jsonrpc", tls_cert="client.pem",
+           tls_key="client-key.pem", tls_ca="ca.pem")
 """
 from __future__ import annotations
 
 import http.client
 import itertools
 import json
+import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from vmhost.api.schema import InvalidParams, Schema, UnknownVerb, load_schema
+from vmhost.api.tls import client_context
 
 DEFAULT_URL = "http://127.0.0.1:54321/jsonrpc"
 EVENTS_PATH = "/events"
@@ -48,11 +57,24 @@ class TransportError(Exception):
 
 
 class Client:
+    """`tls_cert`, `tls_key`, `tls_ca` (PEM files; https URLs only): the client
+    certificate and its key (the key may be in the certificate file), and the
+    CA that signed the agent's certificate (None: the system's CAs). Bad
+    files raise vmhost.api.tls.TlsError (a ValueError) naming the file."""
+
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60, validate: bool = True,
-                 schema: Schema | None = None):
+                 schema: Schema | None = None, *, tls_cert: str | None = None,
+                 tls_key: str | None = None, tls_ca: str | None = None):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"unsupported URL {url!r}; expected http(s)://host:port/path")
+        self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
+        self._ssl_context: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self._ssl_context = client_context(tls_cert, tls_key, tls_ca)
+        elif tls_cert or tls_key or tls_ca:
+            raise ValueError(f"TLS certificates given for the plain HTTP URL {url!r}; "
+                             "use an https:// URL")
         self.url = url
         self._scheme = parts.scheme
         self._host = parts.hostname
@@ -177,8 +199,10 @@ class Client:
 
 
     def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self._timeout)
+        if self._ssl_context is not None:
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                               context=self._ssl_context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
 
 
 class EventStream(Iterator[dict]):

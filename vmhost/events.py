@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -30,7 +31,12 @@ class EventBus:
     def __init__(self):
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
+        self._listeners: list = []
         self._seq = itertools.count(1)
+
+    def listen(self, callback) -> None:
+        """callback(event) synchronously on the publisher's thread (keep it cheap)."""
+        self._listeners.append(callback)
 
     def subscribe(self) -> Subscription:
         sub = Subscription(self)
@@ -47,6 +53,11 @@ class EventBus:
         event = {**event, "seq": next(self._seq), "time": time.time()}
         with self._lock:
             subs = list(self._subs)
+        for callback in list(self._listeners):
+            try:
+                callback(event)
+            except Exception:
+                logging.getLogger(__name__).exception("event listener failed")
         for sub in subs:
             try:
                 sub.queue.put_nowait(event)

@@ -29,7 +29,8 @@ bytes): a request the agent would execute -- its params pass the schema -- is
 rewritten when it could hurt the fixture or the host: StorageDomain.create
 only inside the sandbox (and only a few of them), VM names carry the
 session's prefix and memory is small, the fixture VM is never destroyed or
-paused, fixture volumes are never deleted, preallocation stays small.
+paused, fixture volumes are never deleted, preallocation stays small, and
+only so many VMs get started (World.vm_start_budget).
 """
 from __future__ import annotations
 
@@ -114,10 +115,12 @@ class World:
     vms: list[str] = dataclasses.field(default_factory=list)
     vm_drives: dict[str, list[tuple[str, str, list[str]]]] = dataclasses.field(default_factory=dict)
     jobs: list[str] = dataclasses.field(default_factory=list)
+    parents: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)  # (img, vol) -> parent
     protected_vms: set[str] = dataclasses.field(default_factory=set)
     protected_volumes: set[str] = dataclasses.field(default_factory=set)
     max_domains: int = 4               # fuzzer-created domains beyond this are refused
     fixture_domains: int = 1
+    vm_start_budget: int = 0           # VMs requests may still start (the test keeps it)
 
     def ids(self, kind: str) -> list[str]:
         if kind == "domain":
@@ -168,8 +171,15 @@ def verb_node(verb: str) -> dict:
             "additionalProperties": False}
 
 
+_VALIDATORS: dict[str, Any] = {}
+
+
 def matches(node: dict, value: Any) -> bool:
-    return jsonschema.Draft202012Validator({"$defs": DEFS, **node}).is_valid(value)
+    key = json.dumps(node, sort_keys=True)
+    validator = _VALIDATORS.get(key)
+    if validator is None:
+        validator = _VALIDATORS[key] = jsonschema.Draft202012Validator({"$defs": DEFS, **node})
+    return validator.is_valid(value)
 
 
 def params_valid(verb: Any, params: Any) -> bool:
@@ -342,19 +352,18 @@ class Fuzz:
 
         @st.composite
         def draw_uuid(draw):
+            # The same draws whatever the World holds (see _cohere).
             i = draw(st.integers(0, 2 ** 16))
-            real = self.world.pick(kind, i)
-            choice = _weighted(draw, (5, "random"), (6 if real else 0, "real"), (1, "blank"),
-                               (1, "edge"))
+            choice = _weighted(draw, (5, "random"), (6, "real"), (1, "blank"), (1, "edge"))
+            random_uuid = str(draw(st.uuids()))
             if choice == "real":
-                return real
+                return self.world.pick(kind, i) or random_uuid
             if choice == "blank":
                 return BLANK_UUID
             if choice == "edge":
-                return draw(st.sampled_from(["ffffffff-ffff-ffff-ffff-ffffffffffff",
-                                             "00000000-0000-0000-0000-000000000001",
-                                             "12345678-1234-1234-1234-123456789abc"]))
-            return str(draw(st.uuids()))
+                return ("ffffffff-ffff-ffff-ffff-ffffffffffff", "00000000-0000-0000-0000-000000000001",
+                        "12345678-1234-1234-1234-123456789abc")[i % 3]
+            return random_uuid
         return draw_uuid()
 
     @_memo
@@ -367,8 +376,7 @@ class Fuzz:
             st.uuids().map(lambda u: "../" + str(u)),
             st.uuids().map(lambda u: str(u)[:-1]),
             st.uuids().map(lambda u: str(u) + "0"),
-            st.builds(lambda i: self.world.pick("volume", i) and "../" + self.world.pick("volume", i),
-                      st.integers(0, 2 ** 16)).filter(lambda v: isinstance(v, str)),
+            st.builds(lambda i: "../" + (self.world.pick("volume", i) or BLANK_UUID), st.integers(0, 2 ** 16)),
             self.huge_string(),
             self.wrong_type({"type": "string"}))
 
@@ -616,11 +624,23 @@ class Fuzz:
 
     def _cohere(self, draw, verb: str, p: dict) -> None:
         """Make the IDs of a valid request name real objects that belong
-        together, so that the call reaches the service's deeper checks."""
+        together, so that the call reaches the service's deeper checks.
+
+        Every random choice is drawn first, the same ones whatever the World
+        holds, and only then applied to it: Hypothesis replays choice
+        sequences and insists that a sequence always leads to the same draws."""
         w = self.world
-        i = draw(st.integers(0, 2 ** 16))
-        triple = w.triples[i % len(w.triples)] if w.triples else None
+        r = draw(st.tuples(*[st.integers(0, 2 ** 16)] * 8))
         fresh = str(draw(st.uuids()))
+        fresh_image = str(draw(st.uuids()))
+        mode = draw(st.integers(0, 3))
+        flag = draw(st.booleans())
+        size = draw(st.sampled_from([64 * MiB, 64 * MiB, "67108864", GiB, MiB]))
+
+        def pick(seq, k):
+            return seq[r[k] % len(seq)] if seq else None
+
+        triple = pick(w.triples, 0)
         if verb in ("Volume.getInfo", "Volume.delete") and triple:
             p.update(storagedomainID=triple[0], imageID=triple[1], volumeID=triple[2])
         elif verb == "Image.reconcileVolumeChain" and triple:
@@ -628,65 +648,59 @@ class Fuzz:
         elif verb == "StorageDomain.getVolumes" and triple:
             p.update(storagedomainID=triple[0], imageID=triple[1])
         elif verb == "StorageDomain.getInfo" and w.domains:
-            p["storagedomainID"] = w.domains[i % len(w.domains)]
+            p["storagedomainID"] = pick(w.domains, 1)
         elif verb == "StorageDomain.create":
             p["typeArgs"] = w.sandbox
-            p["storagedomainID"] = fresh if draw(st.integers(0, 3)) else w.pick("domain", i) or fresh
+            p["storagedomainID"] = (pick(w.domains, 1) if mode == 0 else None) or fresh
         elif verb == "Volume.create" and w.domains:
-            mode = draw(st.integers(0, 2))
-            p.update(storagedomainID=w.domains[i % len(w.domains)], volumeID=fresh)
-            if mode == 2 and triple:      # a child of a real volume
+            p.update(storagedomainID=pick(w.domains, 1), volumeID=fresh)
+            drive = pick([d for drives in w.vm_drives.values() for d in drives], 2)
+            if mode == 3 and drive:       # a child of a VM's leaf: ready for VM.snapshot
+                triple = (drive[0], drive[1], drive[2][-1])
+            if mode >= 2 and triple:      # a child of a real volume
                 p.update(storagedomainID=triple[0], imageID=triple[1], srcVolUUID=triple[2],
-                         volFormat=draw(st.sampled_from(["COW", 4])),
-                         size=draw(st.sampled_from([64 * MiB, 64 * MiB, "67108864", GiB, MiB])))
-                if draw(st.booleans()):
+                         volFormat="COW" if flag else 4, size=size)
+                if r[6] % 2:
                     p["srcImgUUID"] = triple[1]
+                else:
+                    p.pop("srcImgUUID", None)
             elif mode == 1 and triple:    # another base volume in a real image
                 p.update(storagedomainID=triple[0], imageID=triple[1])
                 p.pop("srcVolUUID", None)
+                p.pop("srcImgUUID", None)
             else:
-                p["imageID"] = str(draw(st.uuids()))
-            if p.get("srcVolUUID", BLANK_UUID) == BLANK_UUID:
-                p.pop("srcImgUUID", None) if draw(st.booleans()) else None
+                p["imageID"] = fresh_image
         elif verb == "VM.create":
             p["vmID"] = fresh
-            devices = p["vmParams"].get("devices", [])
             used = set()
-            for dev in devices:
-                if dev.get("device") == "disk" and triple:
-                    t = w.triples[draw(st.integers(0, 2 ** 16)) % len(w.triples)]
-                    if (t[0], t[1]) in used:
-                        continue
+            for n, dev in enumerate(p["vmParams"].get("devices", [])):
+                t = pick(w.triples, 1 + n % 7)
+                if dev.get("device") == "disk" and t and (t[0], t[1]) not in used:
                     used.add((t[0], t[1]))
                     dev.update(domainID=t[0], imageID=t[1], volumeID=t[2])
         elif verb in ("VM.snapshot", "VM.merge") and w.vm_drives:
-            vms = sorted(w.vm_drives)
-            vm = vms[i % len(vms)]
+            vm = pick(sorted(w.vm_drives), 1)
+            p["vmID"] = vm
             drives = w.vm_drives[vm]
             if not drives:
-                p["vmID"] = vm
                 return
-            sd, img, chain = drives[draw(st.integers(0, 7)) % len(drives)]
-            p["vmID"] = vm
+            sd, img, chain = pick(drives, 2)
             if verb == "VM.snapshot":
-                vols = w.volumes_of(img) or [fresh]
+                children = [v for v in w.volumes_of(img) if w.parents.get((img, v)) == chain[-1]]
+                volume = pick(children if children and mode else w.volumes_of(img), 3)
                 p["snapDrives"] = [{"domainID": sd, "imageID": img, "baseVolumeID": chain[-1],
-                                    "volumeID": vols[draw(st.integers(0, 63)) % len(vols)]}]
+                                    "volumeID": volume or fresh}]
             else:
-                a = draw(st.integers(0, 7)) % len(chain)
-                b = draw(st.integers(0, 7)) % len(chain)
-                base, top = (chain[min(a, b)], chain[max(a, b)]) if draw(st.integers(0, 3)) else \
-                    (chain[a], chain[b])
+                a, b = r[4] % len(chain), r[5] % len(chain)
+                base, top = (chain[min(a, b)], chain[max(a, b)]) if mode else (chain[a], chain[b])
                 p.update(drive={"domainID": sd, "imageID": img, "volumeID": chain[-1]},
                          baseVolUUID=base, topVolUUID=top)
                 p.pop("jobUUID", None)
         elif verb in ("VM.abortMerge", "VM.dismissJob"):
-            if w.vms:
-                p["vmID"] = w.vms[i % len(w.vms)]
-            if w.jobs:
-                p["jobUUID"] = w.jobs[draw(st.integers(0, 2 ** 16)) % len(w.jobs)]
+            p["vmID"] = pick(w.vms, 1) or p["vmID"]
+            p["jobUUID"] = pick(w.jobs, 2) or p["jobUUID"]
         elif verb.startswith("VM.") and "vmID" in p and w.vms:
-            p["vmID"] = w.vms[i % len(w.vms)]
+            p["vmID"] = pick(w.vms, 1)
 
     # --- whole requests -------------------------------------------------------------
 
@@ -904,6 +918,11 @@ def _safe_params(method: str, p: dict, world: World, body: bytes) -> dict:
             # Enough domain monitors already: this one must fail (no such dir).
             p["typeArgs"] = os.path.join(world.sandbox, "no-such-dir")
     elif method == "VM.create":
+        if world.vm_start_budget <= 0 and world.protected_vms:
+            # Each VM start costs a second or two: beyond the budget the
+            # request names an existing VM, and is refused (code 4) after
+            # the same checks of its vmParams.
+            p["vmID"] = sorted(world.protected_vms)[0]
         vp = p["vmParams"]
         if not vp["vmName"].startswith(world.vm_prefix):
             room = 64 - len(world.vm_prefix)

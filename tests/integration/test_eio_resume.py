@@ -141,6 +141,18 @@ def actual_size(path: str) -> int:
     return qemu_img.info(path)["actual-size"]         # -U: the VM may be running
 
 
+def describe(env: Env, vms: dict[str, str], path: dict[str, str]) -> dict:
+    """What each VM looks like, for a failure message."""
+    out = {}
+    for b, vm in vms.items():
+        dom = env.dom(vm)
+        out[b] = {"agent": stats(env, vm), "libvirt": dom.state(), "errors": dom.diskErrors(),
+                  "blockStats": dom.blockStats("vda"), "actual-size": actual_size(path[b])}
+    st = os.statvfs(env.storage_root)
+    out["free"] = st.f_bavail * st.f_frsize
+    return out
+
+
 def test_eio_paused_vms_follow_their_resume_behavior_when_the_domain_turns_valid(
         small_env):
     env = small_env
@@ -169,8 +181,11 @@ def test_eio_paused_vms_follow_their_resume_behavior_when_the_domain_turns_valid
         {b: b for b in BEHAVIORS}
 
     # 1. The guests fill the file system and QEMU pauses each on ENOSPC.
-    wait_for(lambda: all(paused_by_eio(env, vm) for vm in vms.values()), 45,
-             "the three VMs to pause with EIO")
+    try:
+        wait_for(lambda: all(paused_by_eio(env, vm) for vm in vms.values()), 45,
+                 "the three VMs to pause with EIO")
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {describe(env, vms, path)}") from None
     for b, vm in vms.items():
         assert libvirt_paused_by_ioerror(env, vm), (b, env.dom(vm).state())
         assert env.dom(vm).diskErrors() == {"vda": libvirt.VIR_DOMAIN_DISK_ERROR_NO_SPACE}, b

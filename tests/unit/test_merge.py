@@ -175,7 +175,7 @@ def test_internal_merge_write_ahead_and_cleanup(world):
     assert world.vm.definition.drives[0].volume_ids() == [c[0], c[2], c[3]]
     assert ("sync", c[3], [c[0], c[2], c[3]]) in world.log
     assert ("finish", c[0], [c[1]], 1 << 20, False) in world.log
-    assert world.merger.history[-1]["state"] == "DONE"
+    assert world.merger.history.list()[-1]["state"] == "DONE"
 
 
 def test_active_merge_pivots_only_when_xml_says_ready(world):
@@ -281,7 +281,7 @@ def test_abort_leaves_chain_and_ends_aborted(world):
     assert world.state(job) == "ABORTING"
     assert world.step(job) is DONE
     assert world.state(job) is None
-    assert world.merger.history[-1]["state"] == "ABORTED"
+    assert world.merger.history.list()[-1]["state"] == "ABORTED"
     assert world.dom.chain == [c[0], c[1]]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -41,7 +42,8 @@ class _Reject(Exception):
 
 class Dispatcher:
     def __init__(self, schema: Schema, table: Mapping[str, Handler],
-                 is_ready: Callable[[], bool] = lambda: True):
+                 is_ready: Callable[[], bool] = lambda: True,
+                 observe: Callable[[str, int | None, float], None] | None = None):
         # A handler the schema does not describe would receive unvalidated
         # parameters; refuse to start rather than serve it.
         unchecked = sorted(set(table) - set(schema.verbs()))
@@ -50,6 +52,8 @@ class Dispatcher:
         self._schema = schema
         self._table = dict(table)
         self._is_ready = is_ready
+        # observe(verb, error code or None, seconds) after each known verb (metrics).
+        self._observe = observe
 
     def handle_bytes(self, body: bytes) -> bytes | None:
         """Answer one HTTP body (a request or a batch); None if nothing is
@@ -95,6 +99,19 @@ class Dispatcher:
         handler = self._table.get(method)
         if handler is None:
             raise _Reject(METHOD_NOT_FOUND, str(UnknownVerb(method)))
+        if self._observe is None:
+            return self._call(method, handler, params)
+        started = time.monotonic()
+        code = None
+        try:
+            return self._call(method, handler, params)
+        except _Reject as e:
+            code = e.code
+            raise
+        finally:
+            self._observe(method, code, time.monotonic() - started)
+
+    def _call(self, method: str, handler: Handler, params: dict[str, Any]) -> Any:
         try:
             if not self._schema.allowed_while_recovering(method) and not self._is_ready():
                 raise _Reject(_RECOVERING.code, _RECOVERING.text)

@@ -1,10 +1,16 @@
 """HTTP transport for the JSON-RPC API, on the standard library.
 
 One thread per connection, HTTP/1.1 keep-alive. Routing is a table of
-path -> HTTP method -> Route, so each endpoint is one entry; TLS would wrap
-the accepted sockets in _HttpServer.get_request. Every response, including
-errors found by http.server itself, carries a JSON-RPC body, except the
-event stream.
+path -> HTTP method -> Route, so each endpoint is one entry. Every response,
+including errors found by http.server itself, carries a JSON-RPC body,
+except the event stream.
+
+TLS (ssl_context, see vmhost/api/tls.py): each accepted connection does its
+handshake in its own handler thread, never in the accept loop, within
+HANDSHAKE_TIMEOUT seconds in all, so a client that connects and stalls holds
+up nobody. A failed handshake (no client certificate, one from another CA,
+a timeout) is logged and the connection closed; a plain HTTP request on the
+TLS port gets a 400 saying HTTPS is required, and is closed.
 
 Endpoints:
 
@@ -47,6 +53,7 @@ import re
 import select
 import socket
 import socketserver
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +76,12 @@ IDLE_TIMEOUT = 120.0
 # most this long / this much before closing (see _RequestHandler._linger).
 LINGER_SECONDS = 2.0
 LINGER_BYTES = 64 << 20
+
+# A TLS client must finish its handshake within this many seconds of
+# connecting (the first byte included).
+HANDSHAKE_TIMEOUT = 10.0
+# First byte of a TLS connection: a handshake record.
+_TLS_HANDSHAKE_RECORD = 0x16
 
 # How often serve_forever looks for a stop request; stop() waits up to this.
 _POLL_INTERVAL = 0.1
@@ -93,10 +106,12 @@ class Route:
 class ApiServer:
     """Serves `dispatcher` at POST /jsonrpc on `address` (port 0: any free
     port, see .port), and `events` (if given) at GET /events. Binds at
-    construction; serves after start()."""
+    construction; serves after start(). With `ssl_context` (see
+    vmhost.api.tls.server_context) it serves HTTPS only."""
 
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher,
-                 max_body: int = DEFAULT_MAX_BODY, events: EventBus | None = None):
+                 max_body: int = DEFAULT_MAX_BODY, events: EventBus | None = None,
+                 ssl_context: ssl.SSLContext | None = None):
         self._dispatcher = dispatcher
         self._events = events
         self._stopping = threading.Event()
@@ -105,7 +120,7 @@ class ApiServer:
         routes = {"/jsonrpc": {"POST": Route(self._jsonrpc, takes_body=True)}}
         if events is not None:
             routes["/events"] = {"GET": Route(self._event_stream)}
-        self._httpd = _HttpServer(address, routes, max_body)
+        self._httpd = _HttpServer(address, routes, max_body, ssl_context)
         self._thread: threading.Thread | None = None
 
     @property
@@ -116,7 +131,12 @@ class ApiServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(_POLL_INTERVAL,),
                                         name="api-server", daemon=True)
         self._thread.start()
-        log.info("serving JSON-RPC on %s:%d", self._httpd.server_address[0], self.port)
+        log.info("serving JSON-RPC on %s:%d (%s)", self._httpd.server_address[0], self.port,
+                 "HTTPS, client certificate required" if self.tls else "plain HTTP")
+
+    @property
+    def tls(self) -> bool:
+        return self._httpd.ssl_context is not None
 
     def stop(self) -> None:
         # Event streams end at once rather than at their next keepalive.
@@ -209,9 +229,10 @@ class _HttpServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], routes: dict[str, dict[str, Route]],
-                 max_body: int):
+                 max_body: int, ssl_context: ssl.SSLContext | None = None):
         self.routes = routes
         self.max_body = max_body
+        self.ssl_context = ssl_context
         self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         if ":" in address[0]:
@@ -232,6 +253,86 @@ class _HttpServer(ThreadingHTTPServer):
             self._connections.add(request)
         super().process_request(request, client_address)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # In the connection's own thread (ThreadingMixIn): a slow or silent
+        # TLS client holds up nobody else.
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        tls = self._tls_handshake(request, client_address)
+        if tls is None:
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            _close_notify(tls)
+            # The plain socket `request` was detached by the wrap; the caller
+            # (process_request_thread) shutting it down is a no-op.
+            self.shutdown_request(tls)
+
+    def _tls_handshake(self, request: socket.socket, peer: Any) -> ssl.SSLSocket | None:
+        """The TLS socket over `request` once the handshake succeeded, or None
+        (logged, answered if it was plain HTTP; the caller closes `request`)."""
+        assert self.ssl_context is not None
+        timeout = HANDSHAKE_TIMEOUT
+        deadline = time.monotonic() + timeout
+        who = _peer(peer)
+        try:
+            request.settimeout(timeout)
+            first = request.recv(1, socket.MSG_PEEK)
+        except TimeoutError:
+            log.info("TLS: %s sent nothing within %gs; closed", who, timeout)
+            return None
+        except OSError as e:
+            log.info("TLS: connection from %s failed before the handshake: %s", who, e)
+            return None
+        if not first:
+            log.debug("TLS: %s closed without a handshake", who)
+            return None
+        if first[0] != _TLS_HANDSHAKE_RECORD:
+            if first.isalpha():  # a request line: GET, POST, ...
+                log.warning("TLS: refused plain HTTP from %s on the HTTPS port", who)
+                _answer_plain_http(request)
+            else:
+                log.warning("TLS: refused %s: not a TLS handshake", who)
+            return None
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True,
+                                               do_handshake_on_connect=False)
+        except (OSError, ValueError) as e:
+            log.warning("TLS: cannot start TLS with %s: %s", who, e)
+            return None
+        with self._lock:  # so that stop() reaches it (the plain socket is detached)
+            self._connections.discard(request)
+            self._connections.add(tls)
+        try:
+            _handshake(tls, deadline)
+        except TimeoutError:
+            log.info("TLS: handshake with %s not done within %gs; closed", who, timeout)
+            self.shutdown_request(tls)
+            return None
+        except ssl.SSLCertVerificationError as e:
+            log.warning("TLS: refused %s: its client certificate is not accepted (%s)", who,
+                        e.verify_message or e.reason)
+        except ssl.SSLEOFError:
+            log.info("TLS: %s closed the connection during the handshake", who)
+        except ssl.SSLError as e:
+            if e.reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+                log.warning("TLS: refused %s: no client certificate", who)
+            elif e.reason in _CLIENT_REFUSED_US:
+                log.warning("TLS: %s does not accept the agent's certificate (%s)", who, e.reason)
+            else:
+                log.warning("TLS: handshake with %s failed: %s", who, e.reason or e)
+        except OSError as e:
+            log.info("TLS: handshake with %s failed: %s", who, e)
+        else:
+            return tls
+        # The alert that says why is sent; closing with the client's request
+        # unread would reset the connection and could destroy it.
+        _end_and_drain(tls)
+        self.shutdown_request(tls)
+        return None
+
     def shutdown_request(self, request: Any) -> None:
         with self._lock:
             self._connections.discard(request)
@@ -244,12 +345,102 @@ class _HttpServer(ThreadingHTTPServer):
             connections = list(self._connections)
         for conn in connections:
             try:
-                conn.shutdown(socket.SHUT_RDWR)
+                # The socket's own shutdown, also under TLS (SSLSocket.shutdown
+                # drops the TLS state under a thread that may be using it).
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("connection from %s failed", client_address, exc_info=True)
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return f"[{host}]:{address[1]}" if ":" in str(host) else f"{host}:{address[1]}"
+    return str(address)
+
+
+def _handshake(tls: ssl.SSLSocket, deadline: float) -> None:
+    """do_handshake with one deadline for the whole of it (a socket timeout
+    would apply to each read, and a client trickling bytes could stretch it)."""
+    tls.setblocking(False)
+    poller = select.poll()
+    poller.register(tls, select.POLLIN)
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("TLS handshake timed out")
+        poller.modify(tls, events)
+        if not poller.poll(left * 1000):
+            raise TimeoutError("TLS handshake timed out")
+
+
+def _close_notify(tls: ssl.SSLSocket) -> None:
+    """Tell the client the TLS session ends (without waiting for its answer)
+    so it can tell our end of an event stream from a cut connection."""
+    try:
+        tls.settimeout(0)
+        tls.unwrap()
+    except (OSError, ValueError):  # no answer yet (expected), or already shut down
+        pass
+
+
+# Alerts a client sends when it does not trust the agent's certificate.
+_CLIENT_REFUSED_US = frozenset({"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE",
+                                "SSLV3_ALERT_CERTIFICATE_UNKNOWN"})
+
+
+_PLAIN_HTTP_MESSAGE = ("this agent speaks HTTPS only, with client certificates (mutual TLS): "
+                       "use an https:// URL with --tls-cert, --tls-key and --tls-ca")
+
+
+def _answer_plain_http(sock: socket.socket) -> None:
+    """A plain HTTP request on the TLS port: say why it is refused, in the
+    same form as every other refusal, then close (see _RequestHandler._linger
+    for why the input is drained first)."""
+    body = encode_error(INVALID_REQUEST, _PLAIN_HTTP_MESSAGE)
+    head = (f"HTTP/1.1 400 Bad Request\r\nServer: vmhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii")
+    try:
+        sock.settimeout(LINGER_SECONDS)
+        sock.sendall(head + body)
+    except OSError:
+        return
+    _end_and_drain(sock)
+
+
+def _end_and_drain(sock: socket.socket) -> None:
+    """Signal the end of what we sent, then discard the client's input
+    until it closes, for at most LINGER_SECONDS / LINGER_BYTES (as
+    _RequestHandler._linger does). On the plain socket, also under a TLS
+    socket whose session failed: nothing more is said in TLS."""
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
+            if not poller.poll(left * 1000):
+                break
+            try:
+                chunk = socket.socket.recv(sock, 1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:  # woken for nothing
+                continue
+            if not chunk:
+                break
+            drained += len(chunk)
+    except OSError:  # reset by the client, or stop() shut the socket
+        pass
 
 
 class _RequestHandler(BaseHTTPRequestHandler):
@@ -356,11 +547,37 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def peer_closed(self) -> bool:
         """True if the client closed its side: a stream client sends nothing
         after its request, so readable-with-no-data means end of file."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            return self._tls_peer_closed()
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
+
+    def _tls_peer_closed(self) -> bool:
+        # No peeking through TLS: read, without waiting. What is readable may
+        # be a TLS record without data (e.g. a key update); a stream client
+        # sends no data, so anything read is dropped.
+        conn = self.connection
+        timeout = conn.gettimeout()
+        try:
+            if not conn.pending():
+                poller = select.poll()
+                poller.register(conn, select.POLLIN)
+                if not poller.poll(0):
+                    return False
+            conn.settimeout(0)
+            return conn.recv(1) == b""
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (OSError, ValueError):
+            return True
+        finally:
+            try:
+                conn.settimeout(timeout)
+            except OSError:
+                pass
 
     def _linger(self) -> None:
         """Closing a socket with unread input makes the kernel send a reset,

@@ -1,6 +1,7 @@
 """vmhost-client: call the vmhost API from a shell.
 
-    vmhost-client [--url URL] [--timeout S] [--no-validate] Namespace verb [key=value ...]
+    vmhost-client [--url URL] [--timeout S] [--no-validate]
+                  [--tls-cert F --tls-key F --tls-ca F] Namespace verb [key=value ...]
 
     vmhost-client Host getVMList
     vmhost-client VM getStats vmID=...
@@ -11,6 +12,11 @@ otherwise it is read as a JSON literal (42, true, null, [..], {..}) and kept
 as text if it is not one. Prints the JSON result; exit status 0 on success,
 1 on an API or connection error (or a job that did not succeed), 2 on a
 usage error.
+
+An https URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT,
+VMHOST_TLS_KEY, VMHOST_TLS_CA): the client certificate the agent asks for,
+its key, and the CA that signed the agent's certificate (see `vmhost pki
+init`).
 
 Commands that are more than one call:
 
@@ -37,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import time
 import uuid
@@ -44,6 +52,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 from vmhost.api.schema import Schema, UnknownVerb, load_schema
+from vmhost.api.tls import TlsError
 from vmhost.client import DEFAULT_URL, Client, RpcError, TransportError
 
 
@@ -80,6 +89,7 @@ COMMANDS: dict[str, Command] = {}
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _check_tls_options(parser, args)
     name = f"{args.namespace}.{args.verb}"
     command = COMMANDS.get(name)
     if command is None:
@@ -87,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             _check_verb(parser, load_schema(), name)
         command = call_verb
     try:
-        with Client(args.url, timeout=args.timeout, validate=not args.no_validate) as client:
+        with Client(args.url, timeout=args.timeout, validate=not args.no_validate,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca) as client:
             result = command(client, name, args.args)
-    except UsageError as e:
+    except (UsageError, TlsError) as e:
         parser.error(str(e))
     except CommandFailed as e:
         if e.result is not None:
@@ -154,6 +165,36 @@ def _check_verb(parser: argparse.ArgumentParser, schema: Schema, name: str) -> N
     parser.error(f"unknown verb {name!r} ({hint})")
 
 
+TLS_OPTIONS = (("tls-cert", "VMHOST_TLS_CERT", "client certificate, PEM"),
+               ("tls-key", "VMHOST_TLS_KEY", "key of the client certificate, PEM"),
+               ("tls-ca", "VMHOST_TLS_CA", "CA certificate that signed the agent's, PEM"))
+
+
+def _check_tls_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill args.tls_* from the environment for an https URL, and refuse what
+    cannot work: an https URL without all three, TLS options with a plain
+    URL. (The environment is not read for a plain URL: it may well be set
+    for another agent.)"""
+    https = args.url.lower().startswith("https:")
+    if not https:
+        given = [f"--{option}" for option, _, _ in TLS_OPTIONS
+                 if getattr(args, option.replace("-", "_"))]
+        if given:
+            parser.error(f"{given[0]} is for https URLs, and {args.url} is plain HTTP")
+        return
+    missing = []
+    for option, env, _ in TLS_OPTIONS:
+        attr = option.replace("-", "_")
+        if not getattr(args, attr):
+            setattr(args, attr, os.environ.get(env) or None)
+        if not getattr(args, attr):
+            missing.append(f"--{option}")
+    if missing:
+        parser.error(f"an https URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT, "
+                     f"VMHOST_TLS_KEY, VMHOST_TLS_CA in the environment); missing "
+                     f"{', '.join(missing)}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmhost-client",
@@ -165,6 +206,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for an answer")
     parser.add_argument("--no-validate", action="store_true",
                         help="send without checking against the local schema")
+    for option, env, what in TLS_OPTIONS:
+        parser.add_argument(f"--{option}", metavar="FILE",
+                            help=f"{what} (https URLs only; default ${env})")
     parser.add_argument("namespace", help="Host, StorageDomain, Volume, VM, ...")
     parser.add_argument("verb", help="e.g. getVMList, create, getStats")
     parser.add_argument("args", nargs=argparse.REMAINDER, metavar="key=value",
@@ -411,7 +455,12 @@ def snapshot_remove(client: Client, verb: str, args: list[str]) -> list[str]:
 
 
 def _url_option(client: Client) -> str:
-    return "" if client.url == DEFAULT_URL else f" --url {client.url}"
+    option = "" if client.url == DEFAULT_URL else f" --url {client.url}"
+    for name, value in (("--tls-cert", client.tls_cert), ("--tls-key", client.tls_key),
+                        ("--tls-ca", client.tls_ca)):
+        if value:
+            option += f" {name} {shlex.quote(value)}"
+    return option
 
 
 COMMANDS["VM.merge"] = merge_command

@@ -1,52 +1,96 @@
-"""`vmhost` command: serve the agent, or run the demo."""
+"""`vmhost` command: serve the agent, run the demo, show the configuration,
+make test certificates, print the systemd unit."""
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 import threading
+from importlib import resources
 
-from vmhost.config import Config
+from vmhost import config as configmod
+
+
+def _serve_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="run the agent")
+    _config_flags(p)
+    return p
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """Flags override the TOML file; None means 'not given'."""
+    d = configmod.Config()
+    p.add_argument("--config", help=f"TOML file (default {configmod.DEFAULT_CONFIG_FILE} if present)")
+    p.add_argument("--listen", help=f"HOST:PORT (default {d.listen})")
+    p.add_argument("--state-dir", help=f"default {d.state_dir}")
+    p.add_argument("--libvirt-uri", help=f"default {d.libvirt_uri}")
+    p.add_argument("--monitor-interval", type=float, help=f"seconds (default {d.monitor_interval})")
+    p.add_argument("--monitor-timeout", type=float, help=f"seconds (default {d.monitor_timeout})")
+    p.add_argument("--job-poll-interval", type=float,
+                   help=f"seconds (default {d.job_poll_interval})")
+    p.add_argument("--pivot-retries", type=int, help=f"default {d.pivot_retries}")
+    p.add_argument("--no-block-job-events", dest="block_job_events", action="store_const",
+                   const=False, help="ignore libvirt's block job events: poll only")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server key (PEM)")
+    p.add_argument("--tls-ca", help="CA that signs the clients' certificates (PEM)")
+    p.add_argument("--insecure", action="store_const", const=True,
+                   help="allow plain HTTP on a non-loopback address")
+    p.add_argument("--log-level", help=f"default {d.log_level}")
+    p.add_argument("--log-format", choices=["text", "json"], help=f"default {d.log_format}")
+
+
+_FLAG_SETTINGS = ("listen", "state_dir", "libvirt_uri", "monitor_interval", "monitor_timeout",
+                  "job_poll_interval", "pivot_retries", "block_job_events", "tls_cert",
+                  "tls_key", "tls_ca", "insecure", "log_level", "log_format")
+
+
+def effective_config(args: argparse.Namespace) -> configmod.Config:
+    return configmod.load(args.config, {k: getattr(args, k) for k in _FLAG_SETTINGS})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmhost", description="vmhost host agent")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the agent")
-    serve.add_argument("--listen", default=Config.listen, help="HOST:PORT (default %(default)s)")
-    serve.add_argument("--state-dir", default=Config.state_dir)
-    serve.add_argument("--libvirt-uri", default=Config.libvirt_uri)
-    serve.add_argument("--monitor-interval", type=float, default=Config.monitor_interval)
-    serve.add_argument("--job-poll-interval", type=float, default=Config.job_poll_interval)
-    serve.add_argument("--pivot-retries", type=int, default=Config.pivot_retries)
-    serve.add_argument("--no-block-job-events", dest="block_job_events", action="store_false",
-                       help="ignore libvirt's block job events: poll only (for measurements)")
-    serve.add_argument("--log-level", default=Config.log_level)
+    _serve_parser(sub)
     demo = sub.add_parser("demo", help="create a VM, snapshot it twice, show its chain")
     demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
     demo.add_argument("--keep", action="store_true", help="leave the VM and volumes")
+    cfg = sub.add_parser("config", help="configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    _config_flags(cfg_sub.add_parser("show", help="print the effective configuration (TOML)"))
+    pki = sub.add_parser("pki", help="test certificates")
+    pki.add_argument("pki_args", nargs=argparse.REMAINDER, help="init DIR [--force]")
+    sub.add_parser("unit", help="print the systemd unit file")
     args = parser.parse_args(argv)
-    if args.command == "serve":
-        config = Config(listen=args.listen, state_dir=args.state_dir,
-                        libvirt_uri=args.libvirt_uri, monitor_interval=args.monitor_interval,
-                        job_poll_interval=args.job_poll_interval,
-                        pivot_retries=args.pivot_retries,
-                        block_job_events=args.block_job_events, log_level=args.log_level)
-        return serve_forever(config)
-    from vmhost.cli.demo import run_demo
-    return run_demo(args.state_dir, keep=args.keep)
 
-
-def serve_forever(config: Config) -> int:
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        from vmhost.cli.demo import run_demo
+        return run_demo(args.state_dir, keep=args.keep)
+    if args.command == "pki":
+        from vmhost.cli import pki as pkimod
+        return pkimod.main(args.pki_args)
+    if args.command == "unit":
+        print(resources.files("vmhost").joinpath("data/vmhost.service").read_text(), end="")
+        return 0
     try:
-        config.address
+        config = effective_config(args)
+        if args.command == "serve":
+            from vmhost.api import tls
+            tls.check_listen(config.address[0], config.tls, config.insecure)
     except ValueError as e:
         print(f"vmhost: {e}", file=sys.stderr)
         return 2
+    if args.command == "config":
+        print(config.to_toml(), end="")
+        return 0
+    return serve_forever(config)
+
+
+def serve_forever(config: configmod.Config) -> int:
     from vmhost.agent import Agent
+    from vmhost.logs import setup_logging
+    setup_logging(config.log_level, config.log_format)
     agent = Agent(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -114,7 +114,7 @@ def io(path: str, command: str, fmt: str = "qcow2", force_share: bool = False) -
     """Run one qemu-io command (e.g. 'write -P 0xab 0 1M') on an image not in use."""
     cmd = [QEMU_IO, "-f", fmt]
     if force_share:
-        cmd.append("-U")
+        cmd += ["-r", "-U"]   # qemu-io shares an image in use only read-only
     cmd += ["-c", command, path]
     out = _run(cmd)
     # qemu-io reports pattern mismatches on stdout with rc 0.

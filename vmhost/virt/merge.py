@@ -48,7 +48,6 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Callable, Protocol
 
 import libvirt
@@ -57,12 +56,12 @@ from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.virt import domxml
+from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.vm import DOWN, Vm
 
 log = logging.getLogger(__name__)
 
 RECORD_VERSION = 2
-HISTORY_SIZE = 1000
 
 
 class State(str, enum.Enum):
@@ -181,7 +180,8 @@ class Merger:
                  domain_of: Callable[[Vm], DomainAdapter],
                  persist: Callable[[Vm], None],
                  config: MergeConfig | None = None,
-                 publish: Callable[[dict], None] = lambda event: None):
+                 publish: Callable[[dict], None] = lambda event: None,
+                 history: JobHistory | None = None):
         self._storage = storage
         self._scheduler = scheduler
         self._vm_lookup = vm_lookup
@@ -196,7 +196,7 @@ class Merger:
         # once, in its final state, so a job is always seen in the next stats.
         self._unreported: set[str] = set()
         self._finished_unseen: dict[str, dict[str, dict]] = {}
-        self.history: deque[dict] = deque(maxlen=HISTORY_SIZE)
+        self.history = history or JobHistory(None)
 
     # --- API ------------------------------------------------------------
 
@@ -255,13 +255,8 @@ class Merger:
             self._forget(vm, job)
 
     def job_state(self, vm: Vm, job_id: str) -> str:
-        rec = vm.definition.jobs.get(job_id)
-        if rec is not None:
-            return rec["state"].lower()
-        for h in reversed(self.history):
-            if h["id"] == job_id:
-                return h["state"].lower()
-        return "unknown"
+        rec = vm.definition.jobs.get(job_id) or self.history.find(job_id)
+        return rec["state"].lower() if rec else "unknown"
 
     def job_stats(self, vm: Vm) -> dict:
         out = self._finished_unseen.pop(vm.id, {})
@@ -311,7 +306,7 @@ class Merger:
         if drive is None or drive.volume != spec["volumeID"]:
             raise errors.ImageFileNotFound(
                 f"VM {vm.id} has no drive with image {spec['imageID']} and leaf {spec['volumeID']}")
-        if job_id in vm.definition.jobs or any(h["id"] == job_id for h in self.history):
+        if job_id in vm.definition.jobs or self.history.find(job_id):
             raise errors.MergeFailed(f"jobUUID {job_id} is already used")
         for rec in vm.definition.jobs.values():
             if rec["drive"] == drive.name and rec["state"] != State.FAILED.value:
@@ -485,7 +480,6 @@ class Merger:
         return None
 
     def _step_cleanup(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
-        self._live.pop(job.id, None)
         live = self._live_disk(dom, job.drive)
         chain = [n.volume for n in live.chain]
         # The VM's view first: it needs libvirt only.
@@ -596,8 +590,8 @@ class Merger:
                     "cur": "0", "end": "0", "state": final.value.lower(),
                     "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
             self._finished_unseen.setdefault(vm.id, {})[job.id] = info
+        self._emit(vm, job, old, final, reason)   # before the history takes the live info
         self._record_history(vm, job)
-        self._emit(vm, job, old, final, reason)
 
     def _forget(self, vm: Vm, job: MergeJob) -> None:
         vm.definition.jobs.pop(job.id, None)
@@ -606,15 +600,23 @@ class Merger:
 
     def _record_history(self, vm: Vm, job: MergeJob) -> None:
         entry = job.to_record()
-        entry.update(vmId=vm.id, finished=time.time())
-        self.history.append(entry)
+        entry.update(vmId=vm.id, finished=time.time(),
+                     bytes=self._live.pop(job.id, {}).get("end", 0))
+        try:
+            self.history.append(entry)
+        except OSError as e:  # history is a convenience; never fail a job for it
+            log.error("cannot record job %s in the history: %s", job.id, e)
 
     def _emit(self, vm: Vm, job: MergeJob, old: State | None, new: State, reason: str) -> None:
+        fields = {"vmID": vm.id, "drive": job.drive, "jobID": job.id,
+                  "from": old.value if old else None, "to": new.value, "reason": reason}
         log.info("merge job %s VM %s drive %s: %s -> %s (%s)", job.id, vm.id, job.drive,
-                 old.value if old else "-", new.value, reason)
+                 old.value if old else "-", new.value, reason, extra=fields)
         self._publish({"event": "job", "vmId": vm.id, "jobId": job.id, "drive": job.drive,
-                       "from": old.value if old else None, "to": new.value, "reason": reason,
-                       "error": job.error or None})
+                       "from": fields["from"], "to": new.value, "reason": reason,
+                       "error": job.error or None, "kind": "active" if job.active else "internal",
+                       "started": job.started, "bytes": self._live.get(job.id, {}).get("end", 0),
+                       "pivotAttempts": job.pivot_attempts})
 
 
 _EVENT_NAMES = {

@@ -18,6 +18,7 @@ from vmhost.refs import PreparedImage
 from vmhost.scheduler import Scheduler
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
+from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.merge import MergeConfig, Merger
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
@@ -36,7 +37,8 @@ class ImagePreparer(Protocol):
 class VmService:
     def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
                  virt_type: str, scheduler: Scheduler, merge_config: MergeConfig | None = None,
-                 publish: Callable[[dict], None] = lambda event: None, host_id: str = ""):
+                 publish: Callable[[dict], None] = lambda event: None, host_id: str = "",
+                 history: JobHistory | None = None):
         self._conn = conn
         self.host_id = host_id
         self._storage = storage
@@ -47,7 +49,7 @@ class VmService:
         self.merger = Merger(storage, scheduler, self.get,
                              domain_of=lambda vm: vm.domain(self._conn()),
                              persist=lambda vm: vm.persist(self._conn()),
-                             config=merge_config, publish=publish)
+                             config=merge_config, publish=publish, history=history)
         self.disksync = DiskSynchronizer(storage, scheduler, self.get,
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
                                          persist=lambda vm: vm.persist(self._conn()))
@@ -160,11 +162,17 @@ class VmService:
         with vm.lock:
             if vm.status == DOWN:
                 raise errors.GeneralError(f"VM {vm_id} is down")
+            dom = vm.domain(self._conn())
             try:
-                getattr(vm.domain(self._conn()), op)()
+                getattr(dom, op)()
+                # Read the state back rather than assume it: a VM resumed onto
+                # a still-failing disk pauses again at once, and its lifecycle
+                # event may already have been handled.
+                vm.status, vm.pause_code = status_from_state(*dom.state())
             except libvirt.libvirtError as e:
                 raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
-            vm.status, vm.pause_code = status, "NOERR"
+            if vm.status == UP:
+                vm.eio_aliases.clear()
 
     # --- reporting --------------------------------------------------------
 
@@ -193,7 +201,7 @@ class VmService:
         self.merger.dismiss(self._vm(vm_id), job_id)
 
     def job_history(self) -> list[dict]:
-        return list(self.merger.history)
+        return self.merger.history.list()
 
     # --- disk synchronization and I/O error recovery ---------------------------
 
@@ -206,15 +214,18 @@ class VmService:
             self.merger.resume(vm, vm.domain(self._conn()))
         return result
 
-    def resume_eio_paused(self, sd_uuid: str) -> list[str]:
+    def resume_eio_paused(self, sd_uuid: str, still_valid: Callable[[], bool] = lambda: True
+                          ) -> list[str]:
         """A domain turned VALID: VMs paused by an I/O error on one of its
         disks are resumed, left paused or killed, as their resumeBehavior says."""
         acted = []
         for vm in self.vms():
             if vm.status != PAUSED or vm.pause_code != "EIO":
                 continue
-            if not any(d.domain == sd_uuid for d in vm.definition.drives):
+            if sd_uuid not in self._eio_domains(vm):
                 continue
+            if not still_valid():
+                break
             behavior = vm.definition.resume_behavior
             log.info("VM %s paused on I/O error; domain %s is VALID: %s", vm.id, sd_uuid,
                      behavior)
@@ -366,6 +377,25 @@ class VmService:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     vm.status = DOWN
                     vm.exit_message = "domain disappeared"
+
+    @staticmethod
+    def _eio_domains(vm: Vm) -> set[str]:
+        """Domains of the disks that reported the I/O error (all of the VM's
+        disks when unknown, e.g. for a VM recovered already paused)."""
+        drives = vm.definition.drives
+        if vm.eio_aliases:
+            names = {f"vd{chr(ord('a') + int(a[len('virtio-disk'):]))}"
+                     for a in vm.eio_aliases if a.startswith("virtio-disk") and
+                     a[len("virtio-disk"):].isdigit()}
+            drives = [d for d in drives if d.name in names] or drives
+        return {d.domain for d in drives}
+
+    def on_io_error(self, vm_uuid: str, dev_alias: str, reason: str) -> None:
+        """libvirt IO_ERROR_REASON (event thread): remember which disk failed."""
+        vm = self._vms.get(vm_uuid)
+        if vm is not None:
+            vm.eio_aliases.add(dev_alias)
+            log.warning("VM %s: I/O error on %s (%s)", vm_uuid, dev_alias, reason)
 
     def on_lifecycle(self, vm_uuid: str, event: int, detail: int) -> None:
         """libvirt lifecycle event (runs on the event thread: no libvirt calls)."""

@@ -35,6 +35,8 @@ class Vm:
         self.exit_message = ""
         # vmJobs is reported only once the jobs were checked against libvirt.
         self.jobs_known = False
+        # Device aliases ("virtio-disk0") that reported an I/O error since the last resume.
+        self.eio_aliases: set[str] = set()
         # Serialises changes to this VM (definition, libvirt operations).
         self.lock = threading.RLock()
 

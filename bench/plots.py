@@ -1,0 +1,135 @@
+"""PNG plots of the benchmark results (matplotlib, headless)."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+
+def _save(fig, path: str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fit_line(ax, xs, fit, style, label):
+    lo, hi = 0, max(xs)
+    ax.plot([lo, hi], [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi],
+            style, linewidth=1, label=label)
+
+
+def recovery_scale(sizes: list[dict], fits: dict, path: str) -> str:
+    n = [s["n"] for s in sizes]
+    ms = lambda key: [s[key] * 1000 for s in sizes]  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(n, ms("ready_s"), "o-", color="C0", label="agent ready (spawn to first non-99)")
+    ax.plot(n, ms("jobs_done_s"), "s-", color="C1", label="all tracked jobs done")
+    ax.plot(n, ms("agent_recovery_s"), "^-", color="C2", label="agent's own recovery step")
+    ax.plot(n, ms("floor_s"), "v-", color="C3", label="libvirt floor")
+    ax.plot(n, ms("target_s"), "--", color="C3", label="target: 2 x floor + 1 s")
+    ax.plot(n, ms("naive_ready_s"), "D:", color="C4", label="naive: ready + chain sync of all")
+    _fit_line(ax, n, {k: v * 1000 for k, v in fits["ready_s"].items() if k != "r2"}, ":",
+              f"fit ready: {fits['ready_s']['slope'] * 1000:.1f} ms/VM")
+    ax.set_xlabel("running VMs (k = %d with a tracked job)" % sizes[0]["k"])
+    ax.set_ylabel("ms after agent start")
+    ax.set_title("Recovery time against N")
+    ax.set_xlim(0, max(n) * 1.05)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def storage_scale(sizes: list[dict], path: str) -> str:
+    n = [s["n"] for s in sizes]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.plot(n, [s["storage_opens"]["no_job_vms"] for s in sizes], "o-", color="C0",
+            label="agent recovery: VMs without job")
+    ax.plot(n, [s["storage_opens"]["job_vms"] for s in sizes], "s-", color="C1",
+            label=f"agent recovery: the {sizes[0]['k']} VMs with a job (their cleanup)")
+    ax.plot(n, [s["naive_opens"] for s in sizes], "D:", color="C4",
+            label="naive chain sync of every drive")
+    ax.set_xlabel("running VMs")
+    ax.set_ylabel("storage calls (inotify opens/creates/renames)")
+    ax.set_title("Storage calls during recovery against N")
+    ax.set_xlim(0, max(n) * 1.05)
+    ax.set_ylim(bottom=-1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def api_scale(points: list[dict], path: str) -> str:
+    n = [p["n"] for p in points]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    ax.plot(n, [p["getAllVmStats"]["p50"] * 1000 for p in points], "o-", label="getAllVmStats p50")
+    ax.plot(n, [p["getAllVmStats"]["p99"] * 1000 for p in points], "s--", label="getAllVmStats p99")
+    ax.plot(n, [p["ping"]["p50"] * 1000 for p in points], "v:", label="Host.ping p50 (floor)")
+    ax.axhline(10, color="C3", linestyle="--", linewidth=1, label="target p50 10 ms")
+    ax.set_xlabel("VMs")
+    ax.set_ylabel("ms")
+    ax.set_title("API latency against N")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.plot(n, [p["memory_mib"]["VmRSS"] for p in points], "o-", label="RSS")
+    ax2.plot(n, [p["memory_mib"]["VmHWM"] for p in points], "s--", label="peak RSS")
+    ax2.axhline(80, color="C3", linestyle="--", linewidth=1, label="target 80 MiB")
+    ax2.set_xlabel("VMs")
+    ax2.set_ylabel("MiB")
+    ax2.set_title("Agent memory against N")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def merge_throughput(cases: dict, path: str) -> str:
+    names = list(cases)
+    values = [cases[c]["mb_s"] for c in names]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    bars = ax.barh(names, values, color=["C7", "C7", "C2", "C0", "C1"][:len(names)])
+    offline = cases.get("qemu-img commit (offline)", {}).get("mb_s")
+    if offline:
+        ax.axvline(0.9 * offline, color="C3", linestyle="--", linewidth=1,
+                   label="target: 0.9 x offline commit")
+        ax.legend(fontsize=8, loc="lower right")
+    for bar, v in zip(bars, values):
+        ax.text(v, bar.get_y() + bar.get_height() / 2, f" {v:.0f}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("MB/s (O_DIRECT, same file system)")
+    ax.set_title("Merge throughput against the physical limit")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def completion_cdf(modes: dict, poll_interval, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for mode, s in modes.items():
+        lat = sorted(v * 1000 for v in s["latencies"])
+        if not lat:
+            continue
+        ax.step([lat[0]] + lat, [0.0] + [(i + 1) / len(lat) for i in range(len(lat))],
+                where="post", label=f"{mode} (n={len(lat)})")
+    ax.axvline(100, color="C3", linestyle="--", linewidth=1, label="target p50 100 ms")
+    ax.axvline(1000, color="C3", linestyle=":", linewidth=1, label="target p99 1 s")
+    ax.set_xscale("log")
+    ticks = [2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    every = [v * 1000 for s in modes.values() for v in s["latencies"]]
+    if every:
+        ax.set_xlim(min(every) / 1.5, max(max(every) * 1.5, 1500))
+    ax.set_xlabel("ms from QEMU's COMPLETED event to the job's DONE (log scale)")
+    ax.set_ylabel("fraction of merges")
+    ax.set_title(f"Completion latency, job poll interval {poll_interval} s")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
