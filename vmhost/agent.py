@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 import types
@@ -53,7 +54,7 @@ def load_host_id(state_dir: str) -> str:
 
 
 class Agent:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None):
         self.config = config
         os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
         self.events = EventBus()
@@ -81,7 +82,8 @@ class Agent:
                                      is_ready=self._ready.is_set,
                                      observe=self.metrics.observe_request)
         self.server = ApiServer(config.address, self.dispatcher,
-                                max_body=config.max_request_bytes, events=self.events)
+                                max_body=config.max_request_bytes, events=self.events,
+                                ssl_context=ssl_context, metrics=self.metrics.render)
 
     def _wire(self) -> None:
         self.events.listen(self.metrics.on_event)

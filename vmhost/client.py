@@ -239,12 +239,13 @@ class EventStream(Iterator[dict]):
             # "event" (the name) is in the JSON as "event" too; "retry" is for browsers.
 
     def close(self) -> None:
-        if self._conn is not None:
+        # Take the connection first: a reader thread may close concurrently.
+        conn, self._conn = self._conn, None
+        if conn is not None:
             # The response holds the socket: for a Connection: close answer,
             # http.client hands it from the connection to the response.
             self._response.close()
-            self._conn.close()
-            self._conn = None
+            conn.close()
 
     def __enter__(self) -> EventStream:
         return self

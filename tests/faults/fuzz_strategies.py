@@ -182,38 +182,19 @@ def matches(node: dict, value: Any) -> bool:
     return validator.is_valid(value)
 
 
-def params_valid(verb: Any, params: Any) -> bool:
-    """Would the agent's own validator let these params through to the service?"""
+def params_valid(verb: Any, params: Any) -> bool | None:
+    """Would the agent's own validator let these params through to the
+    service? None: the validator itself failed here (RecursionError on absurd
+    nesting, whose depth limit depends on the caller's stack)."""
     if not isinstance(verb, str) or not SCHEMA.has(verb):
         return False
     try:
         SCHEMA.validate(verb, params)
     except (InvalidParams, UnknownVerb):
         return False
-    except Exception:   # e.g. RecursionError on absurd nesting: the agent errors too
-        return False
+    except Exception:
+        return None
     return True
-
-
-_JSON_TYPES = ("null", "boolean", "integer", "number", "string", "array", "object")
-
-
-def json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return "raw"
 
 
 # --- raw byte splices -----------------------------------------------------------
@@ -819,7 +800,8 @@ class Fuzz:
     @_memo
     def http(self) -> st.SearchStrategy[FuzzRequest]:
         good = self.message(True).map(lambda m: encode(m[1]))
-        pad = b'{"jsonrpc":"2.0","id":1,"method":"Host.ping","params":{"pad":"' 
+        pad = b'{"jsonrpc":"2.0","id":1,"method":"Host.ping","params":{"pad":"'
+        # (A path with a query, "/jsonrpc?x=1", still routes to the API.)
         return st.one_of(
             st.builds(lambda b, ct: FuzzRequest("http", b, content_type=ct), good,
                       st.sampled_from([None, "text/plain", "application/x-www-form-urlencoded",
@@ -852,11 +834,8 @@ class Fuzz:
                 return FuzzRequest(category, encode(draw(self.batch())))
             if category == "raw":
                 return FuzzRequest(category, draw(self.raw()))
-            # The /jsonrpc path on a URL: a path that is not "/jsonrpc" exactly
-            # but routes there ("/jsonrpc?x=1") is still a JSON-RPC request.
             return draw(self.http())
         return draw_request()
-
 
 
 # --- safety: the last step before a body is sent ------------------------------------
@@ -918,18 +897,18 @@ def _safe_params(method: str, p: dict, world: World, body: bytes) -> dict:
             # Enough domain monitors already: this one must fail (no such dir).
             p["typeArgs"] = os.path.join(world.sandbox, "no-such-dir")
     elif method == "VM.create":
-        if world.vm_start_budget <= 0 and world.protected_vms:
-            # Each VM start costs a second or two: beyond the budget the
-            # request names an existing VM, and is refused (code 4) after
-            # the same checks of its vmParams.
-            p["vmID"] = sorted(world.protected_vms)[0]
         vp = p["vmParams"]
         if not vp["vmName"].startswith(world.vm_prefix):
             room = 64 - len(world.vm_prefix)
             vp["vmName"] = world.vm_prefix + vp["vmName"][:room]
             if not params_valid(method, p):
                 vp["vmName"] = world.vm_prefix + "renamed"
-        if vp["memSize"] > MAX_MEM_MIB:
+        if world.vm_start_budget <= 0 and world.protected_vms:
+            # Each VM start costs a second or two: beyond the budget the
+            # request names an existing VM, and is refused (code 4) after
+            # the same checks of its vmParams (any memSize is fine then).
+            p["vmID"] = sorted(world.protected_vms)[0]
+        elif vp["memSize"] > MAX_MEM_MIB:
             vp["memSize"] = 64
     elif method in ("VM.destroy", "VM.pause") and p["vmID"] in world.protected_vms:
         p["vmID"] = _stand_in(body, "vm")

@@ -120,6 +120,9 @@ def test_json_log_and_job_history_across_restart(workdir, libvirtd):
                                                    "volumeID": leaf},
                        baseVolUUID=mid, topVolUUID=leaf)
         env.wait_job_gone(vm, job, 60)
+        # The history entry is written after the last transition's log line.
+        wait_for(lambda: any(h["id"] == job for h in env.call("Host.getJobHistory")), 10,
+                 "the job in the history")
         env.agent.kill9()
         with open(agent.log_path) as f:
             records = [json.loads(line) for line in f if line.startswith("{")]

@@ -111,8 +111,10 @@ class ApiServer:
 
     def __init__(self, address: tuple[str, int], dispatcher: Dispatcher,
                  max_body: int = DEFAULT_MAX_BODY, events: EventBus | None = None,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None,
+                 metrics: Callable[[], bytes] | None = None):
         self._dispatcher = dispatcher
+        self._metrics = metrics
         self._events = events
         self._stopping = threading.Event()
         self._streams: set[Subscription] = set()
@@ -120,6 +122,8 @@ class ApiServer:
         routes = {"/jsonrpc": {"POST": Route(self._jsonrpc, takes_body=True)}}
         if events is not None:
             routes["/events"] = {"GET": Route(self._event_stream)}
+        if metrics is not None:
+            routes["/metrics"] = {"GET": Route(self._scrape)}
         self._httpd = _HttpServer(address, routes, max_body, ssl_context)
         self._thread: threading.Thread | None = None
 
@@ -169,6 +173,22 @@ class ApiServer:
         else:
             request.send_json(HTTPStatus.OK, answer)
 
+
+    # --- GET /metrics -----------------------------------------------------------
+
+    def _scrape(self, request: _RequestHandler, body: bytes) -> None:
+        try:
+            text = self._metrics()
+        except Exception:  # a collector bug must not take the API down
+            log.exception("metrics collection failed")
+            request.send_json(HTTPStatus.INTERNAL_SERVER_ERROR,
+                              encode_error(_INTERNAL_ERROR, "metrics collection failed"))
+            return
+        request.send_response(HTTPStatus.OK)
+        request.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        request.send_header("Content-Length", str(len(text)))
+        request.end_headers()
+        request.wfile.write(text)
 
     # --- GET /events ----------------------------------------------------------
 

@@ -73,25 +73,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "unit":
         print(resources.files("vmhost").joinpath("data/vmhost.service").read_text(), end="")
         return 0
+    ssl_context = None
     try:
         config = effective_config(args)
         if args.command == "serve":
             from vmhost.api import tls
             tls.check_listen(config.address[0], config.tls, config.insecure)
+            ssl_context = tls.server_context_or_none(config.tls_cert, config.tls_key,
+                                                     config.tls_ca)
     except ValueError as e:
         print(f"vmhost: {e}", file=sys.stderr)
         return 2
     if args.command == "config":
         print(config.to_toml(), end="")
         return 0
-    return serve_forever(config)
+    return serve_forever(config, ssl_context)
 
 
-def serve_forever(config: configmod.Config) -> int:
+def serve_forever(config: configmod.Config, ssl_context=None) -> int:
     from vmhost.agent import Agent
     from vmhost.logs import setup_logging
     setup_logging(config.log_level, config.log_format)
-    agent = Agent(config)
+    agent = Agent(config, ssl_context=ssl_context)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: stop.set())
