@@ -208,6 +208,48 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
         time.sleep(0.02)
 
 
+def chain_with_data(env: Env, workdir: str, data_mib: int = 16):
+    """A VM whose drive is base <- mid <- leaf: 1 MiB written in the base,
+    `data_mib` MiB in mid (from 8 MiB on: what a merge of mid has to copy) and
+    1 MiB in the leaf. Returns (vm, img, [base, mid, leaf], guest)."""
+    img = str(uuid.uuid4())
+    base = env.create_volume(img)
+    vm = env.create_vm([(img, base)])
+    g = Guest(env, vm, workdir)
+    g.write(0x11, 0, MiB)
+    mid = env.snapshot(vm, img, base)
+    for off in range(0, data_mib, 8):
+        g.write(0x22, (8 + off) * MiB, min(8, data_mib - off) * MiB)
+    leaf = env.snapshot(vm, img, mid)
+    g.write(0x33, 40 * MiB, MiB)
+    return vm, img, [base, mid, leaf], g
+
+
+@contextlib.contextmanager
+def small_domain(workdir: str, size: str, libvirtd) -> "Env":
+    """An agent whose storage domain lives on its own small ext4 (loop device,
+    no blocks reserved for root), so tests can fill it up for real."""
+    image = os.path.join(workdir, "fs.img")
+    root = os.path.join(workdir, "storage")
+    os.makedirs(root)
+    subprocess.run(["truncate", "-s", size, image], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
+    subprocess.run(["mount", "-o", "loop", image, root], check=True)
+    try:
+        os.chmod(root, 0o755)
+        e = Env(agent=start_agent(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
+                storage_root=root, conn=libvirtd)
+        try:
+            e.call("StorageDomain.create", storagedomainID=e.sd, domainType="localfs",
+                   typeArgs=root, name="small")
+            yield e
+        finally:
+            e.agent.stop()
+            _destroy_test_domains(libvirtd)
+    finally:
+        subprocess.run(["umount", "-l", root], check=False)
+
+
 def start_agent(state_dir: str, **kw) -> AgentProcess:
     agent = AgentProcess(state_dir, extra_args=["--monitor-interval", "0.5"], **kw)
     agent.start().wait_ready()

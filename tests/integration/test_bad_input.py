@@ -12,7 +12,6 @@ import uuid
 import pytest
 
 from conftest import TEST_BASE, VM_PREFIX, Env, _destroy_test_domains, start_agent, tree_digest
-from vmhost.ids import BLANK_UUID
 
 MiB = 1 << 20
 U = lambda: str(uuid.uuid4())  # noqa: E731

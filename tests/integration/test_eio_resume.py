@@ -21,7 +21,7 @@ import libvirt
 import pytest
 
 import guest_writer
-from conftest import Env, _destroy_test_domains, start_agent, storage_hidden, wait_for
+from conftest import Env, small_domain, storage_hidden, wait_for
 from vmhost.client import RpcError, TransportError
 from vmhost.storage import qemu_img
 
@@ -37,25 +37,8 @@ NO_SUCH_VM = 1
 @pytest.fixture
 def small_env(workdir, libvirtd):
     """A storage domain on its own small ext4 (no blocks reserved for root)."""
-    image = os.path.join(workdir, "fs.img")
-    root = os.path.join(workdir, "storage")
-    os.makedirs(root)
-    subprocess.run(["truncate", "-s", FS_SIZE, image], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", image], check=True)
-    subprocess.run(["mount", "-o", "loop", image, root], check=True)
-    try:
-        os.chmod(root, 0o755)
-        e = Env(agent=start_agent(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
-                storage_root=root, conn=libvirtd)
-        try:
-            e.call("StorageDomain.create", storagedomainID=e.sd, domainType="localfs",
-                   typeArgs=root, name="small")
-            yield e
-        finally:
-            e.agent.stop()
-            _destroy_test_domains(libvirtd)
-    finally:
-        subprocess.run(["umount", "-l", root], check=False)
+    with small_domain(workdir, FS_SIZE, libvirtd) as env:
+        yield env
 
 
 class EventLog:

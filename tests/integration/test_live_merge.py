@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from conftest import Guest, wait_for
+from conftest import Guest, chain_with_data, wait_for
 from vmhost.client import RpcError
 
 MiB = 1 << 20
@@ -98,21 +98,8 @@ def test_two_merges_on_two_drives_and_two_vms(env, workdir):
         guest.assert_intact(img)
 
 
-def fill(guest, layer_mib: int, pattern: int = 0x5c):
-    for off in range(0, layer_mib, 8):
-        guest.write(pattern, (32 + off) * MiB, 8 * MiB)
-
-
 def test_bandwidth_limited_merge_progress_then_abort(env, workdir):
-    img = str(uuid.uuid4())
-    base = env.create_volume(img)
-    vm = env.create_vm([(img, base)])
-    g = Guest(env, vm, workdir)
-    g.write(0x11, 0, MiB)
-    mid = env.snapshot(vm, img, base)
-    fill(g, 24)                                          # 24 MiB to copy at 1 MiB/s
-    leaf = env.snapshot(vm, img, mid)
-    g.write(0x33, 2 * MiB, MiB)
+    vm, img, (base, mid, leaf), g = chain_with_data(env, workdir, 24)   # 24 MiB at 1 MiB/s
     job = merge(env, vm, img, [base, mid, leaf], base, mid, bandwidth=1)
     info = env.vm_jobs(vm)[job]
     assert (info["jobType"], info["blockJobType"], info["bandwidth"]) == ("block", "commit", 1)
@@ -133,13 +120,7 @@ def test_bandwidth_limited_merge_progress_then_abort(env, workdir):
 
 
 def test_external_cancel_is_reported_and_chain_intact(env, workdir):
-    img = str(uuid.uuid4())
-    base = env.create_volume(img)
-    vm = env.create_vm([(img, base)])
-    g = Guest(env, vm, workdir)
-    mid = env.snapshot(vm, img, base)
-    fill(g, 16)
-    leaf = env.snapshot(vm, img, mid)
+    vm, img, (base, mid, leaf), g = chain_with_data(env, workdir, 16)
     # Internal: QEMU's commit job honours the rate limit in small steps (an
     # active commit copies its first 16 MiB buffer at once and may be ready).
     job = merge(env, vm, img, [base, mid, leaf], base, mid, bandwidth=1)

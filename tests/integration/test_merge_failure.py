@@ -6,48 +6,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 
 import pytest
 
-from conftest import Env, Guest, _destroy_test_domains, start_agent, wait_for
+from conftest import chain_with_data, small_domain, wait_for
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def small_env(workdir, libvirtd):
-    image = os.path.join(workdir, "fs.img")
-    root = os.path.join(workdir, "storage")
-    os.makedirs(root)
-    subprocess.run(["truncate", "-s", "80M", image], check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-F", image], check=True)
-    subprocess.run(["mount", "-o", "loop", image, root], check=True)
-    os.chmod(root, 0o755)
-    e = Env(agent=start_agent(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
-            storage_root=root, conn=libvirtd)
-    try:
-        e.call("StorageDomain.create", storagedomainID=e.sd, domainType="localfs",
-               typeArgs=root, name="small")
-        yield e
-    finally:
-        e.agent.stop()
-        _destroy_test_domains(libvirtd)
-        subprocess.run(["umount", "-l", root], check=False)
+    with small_domain(workdir, "80M", libvirtd) as env:
+        yield env
 
 
 def test_commit_failing_with_enospc_is_reported_failed(small_env, workdir):
     env = small_env
-    img = str(uuid.uuid4())
-    base = env.create_volume(img)
-    vm = env.create_vm([(img, base)])
-    g = Guest(env, vm, workdir)
-    g.write(0x11, 0, MiB)
-    mid = env.snapshot(vm, img, base)
-    for off in range(0, 24, 8):
-        g.write(0x22, (8 + off) * MiB, 8 * MiB)             # 24 MiB the base must take
-    leaf = env.snapshot(vm, img, mid)
-    g.write(0x33, 40 * MiB, MiB)
+    vm, img, (base, mid, leaf), g = chain_with_data(env, workdir, 24)  # 24 MiB the base must take
     guest_flush = lambda: g.assert_intact(img)               # noqa: E731
     guest_flush()
     # Leave less room than the commit needs.

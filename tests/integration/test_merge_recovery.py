@@ -10,7 +10,7 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import Guest, start_agent, storage_hidden, wait_for
+from conftest import chain_with_data, start_agent, storage_hidden, wait_for
 from inotify import AccessCounter
 from vmhost.storage.metadata import Legality
 from vmhost.virt import domxml
@@ -19,18 +19,7 @@ MiB = 1 << 20
 
 
 def chain_vm(env, workdir, data_mib: int = 16):
-    """base <- mid (data_mib of data) <- leaf, with data in every layer."""
-    img = str(uuid.uuid4())
-    base = env.create_volume(img)
-    vm = env.create_vm([(img, base)])
-    g = Guest(env, vm, workdir)
-    g.write(0x11, 0, MiB)
-    mid = env.snapshot(vm, img, base)
-    for off in range(0, data_mib, 8):
-        g.write(0x22, (8 + off) * MiB, 8 * MiB)
-    leaf = env.snapshot(vm, img, mid)
-    g.write(0x33, 40 * MiB, MiB)
-    return vm, img, [base, mid, leaf], g
+    return chain_with_data(env, workdir, data_mib)
 
 
 def start_merge(env, vm, img, chain, base, top, **kw):

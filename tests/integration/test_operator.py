@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import Guest, start_agent, wait_for
+from conftest import chain_with_data, wait_for
 from vmhost.cli.agentproc import AgentProcess, free_port
 from vmhost.client import Client, TransportError
 
@@ -67,20 +67,8 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-def chain_vm(env, workdir):
-    img = str(uuid.uuid4())
-    base = env.create_volume(img)
-    vm = env.create_vm([(img, base)])
-    g = Guest(env, vm, workdir)
-    mid = env.snapshot(vm, img, base)
-    for off in range(0, 16, 8):
-        g.write(0x22, (8 + off) * MiB, 8 * MiB)
-    leaf = env.snapshot(vm, img, mid)
-    return vm, img, [base, mid, leaf], g
-
-
 def test_metrics_during_and_after_a_merge(env, workdir):
-    vm, img, (base, mid, leaf), g = chain_vm(env, workdir)
+    vm, img, (base, mid, leaf), g = chain_with_data(env, workdir)
     before = scrape(env.agent)
     assert metric(before, "vmhost_vms", status="Up") == 1
     assert metric(before, "vmhost_domain_valid", domain=env.sd) == 1
@@ -115,7 +103,7 @@ def test_json_log_and_job_history_across_restart(workdir, libvirtd):
     try:
         env.call("StorageDomain.create", storagedomainID=env.sd, domainType="localfs",
                  typeArgs=storage_root, name="json-log")
-        vm, img, (base, mid, leaf), g = chain_vm(env, workdir)
+        vm, img, (base, mid, leaf), g = chain_with_data(env, workdir)
         job = env.call("VM.merge", vmID=vm, drive={"domainID": env.sd, "imageID": img,
                                                    "volumeID": leaf},
                        baseVolUUID=mid, topVolUUID=leaf)
