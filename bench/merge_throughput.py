@@ -159,9 +159,13 @@ def summarize(results: dict[str, list[dict]], size: int) -> dict:
             s["agent_tail_seconds"] = median([r["seconds"] - r["qemu_seconds"] for r in runs])
         summary[case] = s
     offline = summary["qemu-img commit (offline)"]["mb_s"]
+    offline_runs = results["qemu-img commit (offline)"]
     for case in ("live internal merge", "live active merge"):
         summary[case]["vs_offline"] = summary[case]["mb_s"] / offline
         summary[case]["ok"] = summary[case]["vs_offline"] >= 0.9
+        # Each repetition against the offline commit of the same repetition.
+        ratios = [r["mb_s"] / o["mb_s"] for r, o in zip(results[case], offline_runs)]
+        summary[case]["rep_ratios"] = ratios
     return {"size": size, "cases": summary}
 
 
@@ -175,10 +179,16 @@ def markdown(summary: dict, reps: int) -> str:
         qemu = (f"{c['qemu_seconds']:.2f} + {c['agent_tail_seconds']:.2f}"
                 if "qemu_seconds" in c else "")
         target = f"{c['vs_offline']:.2f}x ({verdict(c['ok'])})" if "ok" in c else ""
-        rows.append([case, f"{c['seconds']:.2f}", qemu, f"{c['mb_s']:.0f}",
-                     f"{c['mb_s'] / dd_write_mb:.2f}", f"{c['mb_s'] / offline:.2f}", target])
-    table = md_table(["case", "seconds", "QEMU + agent tail s", "MB/s", "/ dd write",
-                      "/ offline commit", "target >= 0.9x offline"], rows)
+        spread = " - ".join(f"{x:.2f}" for x in (min(c["rep_ratios"]), max(c["rep_ratios"]))) \
+            if "rep_ratios" in c else ""
+        runs = " / ".join(f"{r['mb_s']:.0f}" for r in c["runs"])
+        rows.append([case, f"{c['seconds']:.2f}", qemu, f"{c['mb_s']:.0f}", runs,
+                     f"{c['mb_s'] / dd_write_mb:.2f}", f"{c['mb_s'] / offline:.2f}", spread,
+                     target])
+    table = md_table(["case", "seconds", "QEMU + agent tail s", "MB/s (median)",
+                      "MB/s per repetition", "/ dd write", "/ offline commit",
+                      "per-repetition ratio to offline (min - max)", "target >= 0.9x offline"],
+                     rows)
     notes = (f"{summary['size'] // MiB} MiB of guest-written data in the top; medians of {reps} "
              "repetitions (order alternated). Live merges are timed from the VM.merge call to "
              "the job's DONE event (storage metadata synced); *QEMU* is the part until libvirt's "
@@ -191,7 +201,7 @@ def markdown(summary: dict, reps: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=default_out_dir())
     args = p.parse_args()
     size = args.size_mib * MiB

@@ -38,7 +38,7 @@ from vmhost.client import Client, RpcError, TransportError
 from vmhost.storage import qemu_img
 from vmhost.storage.metadata import VolumeMetadata
 
-JOB_DATA = 2 * MiB        # written into each top before its merge
+JOB_DATA = 4 * MiB        # written into each top before its merge
 JOB_BANDWIDTH = 1         # MiB/s: the commit outlives the kill -9 of the agent
 
 
@@ -52,20 +52,32 @@ def grow_fleet(bench: Bench, vms: list, n: int) -> None:
 
 
 def jobs_finished_while_agent_down(bench: Bench, job_vms: list, rep: int) -> dict[str, object]:
-    """On each job VM: base..L <- A (data) <- leaf; merge A into L, kill -9
-    the agent at once, wait until QEMU has finished every commit."""
-    tops = {}
+    """On each job VM (chain [base, L]): guest data into L, snapshot ->
+    [base, L, leaf], merge L into base, rate-limited so that it outlives the
+    kill -9 of the agent that follows at once; then QEMU is let loose
+    (blockJobSetSpeed 0) and we wait until it has finished every commit.
+    The chains keep their length from one repetition to the next."""
     for vm in job_vms:
-        a = vm.snapshot()
-        vm.write(0x30 + rep % 64, MiB, JOB_DATA)
+        vm.write(0x30 + rep % 64, MiB, JOB_DATA, chunk=JOB_DATA)
         vm.snapshot()
-        tops[vm.id] = (vm.chain[-3], a)
-    jobs = {bench.merge(vm, *tops[vm.id], bandwidth=JOB_BANDWIDTH): vm for vm in job_vms}
+    jobs = {bench.merge(vm, vm.chain[0], vm.chain[-2], bandwidth=JOB_BANDWIDTH): vm
+            for vm in job_vms}
     bench.kill_agent()
     for vm in job_vms:
-        wait_for(vm.block_job_gone, 120, "QEMU to finish the commit", interval=0.1)
-        vm.merged(*tops[vm.id])
+        try:
+            vm.dom().blockJobSetSpeed("vda", 0, 0)
+        except libvirt.libvirtError:
+            pass   # already finished
+    for vm in job_vms:
+        wait_for(vm.block_job_gone, 120, "QEMU to finish the commit", interval=0.05)
     return jobs
+
+
+def delete_merged(bench: Bench, job_vms: list) -> None:
+    """After the jobs are done: drop the merged-away volumes (not timed)."""
+    for vm in job_vms:
+        for vol in vm.merged(vm.chain[0], vm.chain[-2]):
+            bench.delete_volume(vm.img, vol)
 
 
 # --- measurements ---------------------------------------------------------------
@@ -136,7 +148,8 @@ def measure_restart(bench: Bench, vms: list, job_vms: list, jobs: dict) -> dict:
         at_done = counter.drain()
     finally:
         counter.close()
-    finished = [history[j] for j in jobs if j in history]
+    # The history is persisted across restarts: count what this agent finished.
+    finished = [history[j] for j in jobs if j in history and history[j]["finished"] >= wall0]
     states = sorted({h["state"] for h in finished})
     return {
         "ready_s": ready,
@@ -225,7 +238,7 @@ def measure_once(bench: Bench, vms: list, job_vms: list, rep: int, attempts: int
     for attempt in range(1, attempts + 1):
         libvirtd = libvirtd_identity()
         try:
-            ensure_agent(bench, vms)
+            ensure_agent(bench, vms, job_vms)
             jobs = jobs_finished_while_agent_down(bench, job_vms, rep)
             floors = [libvirt_floor() for _ in range(3)]
             run = measure_restart(bench, vms, job_vms, jobs)
@@ -233,6 +246,7 @@ def measure_once(bench: Bench, vms: list, job_vms: list, rep: int, attempts: int
             run["floor_domains"], run["floor_drives"] = floors[0][1], floors[0][2]
             run["naive"] = naive_chain_sync(bench, vms)
             run["foreign_domains"] = len(foreign_vmhost_domains(bench.conn, bench.prefix))
+            delete_merged(bench, job_vms)
         except (libvirt.libvirtError, TimeoutError, RpcError, TransportError) as e:
             if attempt == attempts:
                 raise
@@ -246,14 +260,18 @@ def measure_once(bench: Bench, vms: list, job_vms: list, rep: int, attempts: int
     raise AssertionError("unreachable")
 
 
-def ensure_agent(bench: Bench, vms: list) -> None:
-    """An agent with no job running, and the local chains as the agent has them."""
+def ensure_agent(bench: Bench, vms: list, job_vms: list) -> None:
+    """An agent with no job running, the local chains as the agent has them,
+    and every job VM on a [base, L] chain."""
     if bench.agent is None or bench.agent.proc.poll() is not None:
         bench.start_agent()
     wait_for(lambda: not bench.job_ids(), 120, "earlier jobs to finish", interval=0.1)
     chains = {i["vmId"]: i["devices"][0]["volumeChain"] for i in bench.call("Host.getVMFullList")}
     for vm in vms:
         vm.chain = [v["volumeID"] for v in chains[vm.id]]
+    for vm in job_vms:
+        if len(vm.chain) == 1:
+            vm.snapshot()
 
 
 def summarize(n: int, k: int, runs: list[dict]) -> dict:

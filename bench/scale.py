@@ -16,7 +16,7 @@ import json
 import os
 
 import plots
-from common import ROOT, default_out_dir, fmt_ms, linear_fit, main_guard, md_table, save_result
+from common import ROOT, default_out_dir, linear_fit, main_guard, md_table, save_result
 
 
 def load(out_dir: str, name: str) -> dict | None:
@@ -44,38 +44,84 @@ def api_fits(points: list[dict]) -> dict:
             "rss_mib": linear_fit(n, [p["memory_mib"]["VmRSS"] for p in points])}
 
 
-def markdown(rfits: dict | None, afits: dict | None, images: list[str], reports: str) -> str:
+def fit_row(name: str, f: dict, unit: str, scale: float, digits: int) -> list[str]:
+    return [name, f"{f['intercept'] * scale:.{digits}f} {unit}",
+            f"{f['slope'] * scale:.{digits + 1}f} {unit}", f"{f['r2']:.2f}"]
+
+
+def findings(recovery: dict | None, rfits: dict | None, api: dict | None,
+             afits: dict | None) -> list[str]:
+    """What the lines say, in numbers from this run."""
+    out = []
+    if rfits and recovery:
+        sizes = recovery["sizes"]
+        top = sizes[-1]
+        rec = rfits.get("agent_recovery_s")
+        if rec:
+            per_vm = rec["slope"] * 1000
+            if per_vm > 0 and rec["r2"] >= 0.8:
+                shape = (f"grows linearly, {per_vm:.2f} ms per VM (R^2 {rec['r2']:.2f}): at N = "
+                         f"{top['n']} about {per_vm * top['n']:.0f} ms of the "
+                         f"{top['ready_s'] * 1000:.0f} ms to ready")
+            else:
+                shape = (f"shows no growth above this machine's noise (fit {per_vm:.2f} ms per "
+                         f"VM, R^2 {rec['r2']:.2f}): a fixed ~{rec['intercept'] * 1000:.0f} ms "
+                         "dominates it and the per-VM work is a fraction of a millisecond")
+            out.append(
+                f"The agent's own recovery step {shape}. The libvirt floor grows "
+                f"{rfits['floor_s']['slope'] * 1000:.2f} ms per VM (R^2 "
+                f"{rfits['floor_s']['r2']:.2f}). Time to ready is process start-up "
+                f"({(top['ready_s'] - (top['agent_recovery_s'] or 0)) * 1000:.0f} ms at N = "
+                f"{top['n']}) plus that step: flat in N at these sizes.")
+        no_job = [s["storage_opens"]["no_job_vms"] for s in sizes]
+        job = [s["storage_opens"]["job_vms"] for s in sizes]
+        naive = [s["naive_opens"] for s in sizes]
+        out.append(
+            f"Storage calls of VMs without a job: {', '.join(f'{v:.0f}' for v in no_job)} at N = "
+            f"{', '.join(str(s['n']) for s in sizes)}: flat at zero however many such VMs there "
+            f"are. The {sizes[0]['k']} VMs with a job: {', '.join(f'{v:.0f}' for v in job)} "
+            f"(slope {rfits['job_storage']['slope']:.2f} per VM of N). The naive sync: "
+            f"{', '.join(f'{v:.0f}' for v in naive)}, {rfits['naive_storage']['slope']:.1f} "
+            f"calls and {rfits['naive_s']['slope'] * 1000:.1f} ms per VM.")
+    if afits and api:
+        f = afits["stats_p50_s"]
+        out.append(
+            f"Host.getAllVmStats p50 grows {f['slope'] * 1e6:.0f} us per VM (R^2 {f['r2']:.2f})"
+            f" from {f['intercept'] * 1000:.2f} ms: linear, and 10 ms would be reached near "
+            + (f"{(0.010 - f['intercept']) / f['slope']:.0f} VMs." if f["slope"] > 0 else
+               "never at this slope."))
+        r = afits["rss_mib"]
+        out.append(f"Agent RSS: {r['intercept']:.1f} MiB with no VM, {r['slope'] * 1024:.0f} KiB "
+                   "per VM.")
+    return out
+
+
+def markdown(rfits: dict | None, afits: dict | None, notes: list[str], images: list[str],
+             reports: str) -> str:
     rows = []
-    label = {"ready_s": "agent ready", "agent_recovery_s": "agent's own recovery step",
-             "jobs_done_s": "all tracked jobs done", "floor_s": "libvirt floor",
-             "naive_s": "naive chain sync of every drive"}
+    label = {"ready_s": "recovery: agent ready", "agent_recovery_s":
+             "recovery: the agent's own recovery step", "jobs_done_s":
+             "recovery: all tracked jobs done", "floor_s": "recovery: libvirt floor",
+             "naive_s": "recovery: naive chain sync of every drive"}
     for key, name in label.items():
         if rfits and key in rfits:
-            f = rfits[key]
-            rows.append([f"recovery: {name}", f"{fmt_ms(f['intercept'], 0)} ms",
-                         f"{f['slope'] * 1000:.2f} ms", f"{f['r2']:.3f}"])
+            rows.append(fit_row(name, rfits[key], "ms", 1000, 1))
     if rfits:
         for key, name in (("no_job_storage", "storage calls, VMs without job"),
                           ("job_storage", "storage calls, VMs with job (k fixed)"),
                           ("naive_storage", "storage calls, naive chain sync")):
-            f = rfits[key]
-            rows.append([name, f"{f['intercept']:.1f}", f"{f['slope']:.2f}", f"{f['r2']:.3f}"])
+            rows.append(fit_row(name, rfits[key], "", 1, 1))
     if afits:
-        f = afits["stats_p50_s"]
-        rows.append(["Host.getAllVmStats p50", f"{fmt_ms(f['intercept'], 2)} ms",
-                     f"{f['slope'] * 1000:.3f} ms", f"{f['r2']:.3f}"])
-        f = afits["rss_mib"]
-        rows.append(["agent RSS", f"{f['intercept']:.1f} MiB", f"{f['slope'] * 1024:.0f} KiB",
-                     f"{f['r2']:.3f}"])
+        rows.append(fit_row("Host.getAllVmStats p50", afits["stats_p50_s"], "ms", 1000, 2))
+        rows.append(fit_row("agent RSS", afits["rss_mib"], "MiB", 1, 2))
     table = md_table(["quantity", "at N = 0 (intercept)", "per VM (slope)", "R^2"], rows)
-    notes = ("Least-squares lines through the medians measured in sections 1 and 4 (N = 10, 25, "
-             "50; the API fit includes N = 0). R^2 near 1 with a small slope: linear in VMs. "
-             "A slope of 0 for the storage calls of VMs without a job: the count does not "
-             "grow with VMs that have nothing to repair (an R^2 of 1 on a constant series "
-             "means a perfect flat line).")
+    method = ("Least-squares lines through the medians of sections 1 (N = 10, 25, 50 running "
+              "VMs) and 4 (N = 0, 10, 25, 50). R^2 is undefined for a constant series and shown "
+              "as 1.")
     pics = "\n\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, reports)})"
                        for p in images)
-    return "## 5. Scale shape\n\n" + table + "\n\n" + notes + "\n\n" + pics + "\n"
+    return ("## 5. Scale shape\n\n" + table + "\n\n" + method + "\n\n"
+            + "\n\n".join(notes) + "\n\n" + pics + "\n")
 
 
 def main() -> int:
@@ -95,8 +141,10 @@ def main() -> int:
     if api and len(api["points"]) >= 2:
         afits = api_fits(api["points"])
         images.append(plots.api_scale(api["points"], os.path.join(args.reports, "scale_api.png")))
-    save_result(args.out, "scale", {"recovery_fits": rfits, "api_fits": afits, "images": images},
-                markdown(rfits, afits, images, args.reports))
+    notes = findings(recovery, rfits, api, afits)
+    save_result(args.out, "scale", {"recovery_fits": rfits, "api_fits": afits, "images": images,
+                                    "findings": notes},
+                markdown(rfits, afits, notes, images, args.reports))
     return 0
 
 

@@ -80,7 +80,11 @@ pytestmark = pytest.mark.integration
 FAST_DEFAULT = 1500
 TARGET = int(os.environ.get("VMHOST_FUZZ_REQUESTS") or FAST_DEFAULT)
 SEED = int(os.environ.get("VMHOST_FUZZ_SEED") or 20240611)
-REPORT = os.environ.get("VMHOST_FUZZ_REPORT") or os.path.join(ROOT, "reports", "fuzz.json")
+# The full run (make faults) reports into reports/; the fast one in make test
+# must not overwrite that, so it writes beside the other test files.
+REPORT = os.environ.get("VMHOST_FUZZ_REPORT") or (
+    os.path.join(ROOT, "reports", "fuzz.json") if os.environ.get("VMHOST_FUZZ_REQUESTS")
+    else os.path.join("/var/tmp/vmhost-tests", "fuzz-fast.json"))
 TRACE = os.environ.get("VMHOST_FUZZ_TRACE")   # a file: every request and answer, one JSON per line
 
 REQUEST_TIMEOUT = 30.0     # an answer slower than this is a hang
@@ -809,7 +813,7 @@ class Runner:
         self.finding("crash", req, body, reply,
                       [f"agent exited with {self.env.agent.proc.returncode}", *_log_tail(self.env.agent.log_path)])
         # Start a new agent on the same state and go on: more findings per run.
-        self.env.agent = start_agent(self.state_dir)
+        self.env.agent = start_agent_or_clean_up(self.state_dir)
         self.transport = Transport(self.env.agent)
         self.maint = Transport(self.env.agent, timeout=60.0)
         self.sync_vms()
@@ -859,6 +863,41 @@ class Runner:
             "duration_s": round(time.monotonic() - self.started, 1),
             "findings": self.findings,
         }
+
+
+def start_agent_or_clean_up(state_dir: str):
+    """start_agent from tests/integration/conftest.py; if the agent never
+    becomes ready, start_agent raises without a handle on the child it
+    started, so stop that child here (by its pid: our own child serving
+    state_dir) rather than leave it running."""
+    before = _children()
+    try:
+        return start_agent(state_dir)
+    except BaseException:
+        for pid in _children() - before:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+                if state_dir.encode() in args:
+                    os.kill(pid, 15)
+            except OSError:
+                pass
+        raise
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    out = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                if int(fields[1]) == me:
+                    out.add(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
 
 
 def _clip(data: bytes, limit: int = 1500) -> str:
@@ -942,7 +981,7 @@ def test_api_fuzz(libvirtd, workdir, capsys):
     sandbox = os.path.join(workdir, "sandbox")   # StorageDomain.create may only point in here
     os.makedirs(storage_root, mode=0o755)
     os.makedirs(sandbox, mode=0o755)
-    env = Env(agent=start_agent(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
+    env = Env(agent=start_agent_or_clean_up(os.path.join(workdir, "state")), sd=str(uuid.uuid4()),
               storage_root=storage_root, conn=libvirtd)
     runner = None
     try:

@@ -230,3 +230,14 @@ def test_every_failpoint_is_placed_in_the_code():
             assert parts[2] in State.__members__ and 'f"merge.save.{job.state.value}.' + parts[3] in source
         else:
             assert f'"{point}"' in source, point
+
+
+def test_size_bounds_and_overlay_preallocation_are_refused_clearly(storage):
+    img, base = U(), U()
+    with pytest.raises(errors.InvalidParameter, match="1 PiB"):
+        storage.create_volume(storage.sd, img, U(), 1 << 64, "RAW")
+    storage.create_volume(storage.sd, img, base, MiB, "COW")
+    with pytest.raises(errors.InvalidParameter, match="SPARSE"):
+        storage.create_volume(storage.sd, img, U(), MiB, "COW", preallocate="PREALLOCATED",
+                              src_img_uuid=img, src_vol_uuid=base)
+    assert storage.list_volumes(storage.sd, img) == [base]

@@ -21,7 +21,7 @@ from vmhost.storage import qemu_img
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
-from vmhost.storage.metadata import (Legality, VolumeMetadata, parse_format,
+from vmhost.storage.metadata import (Legality, Prealloc, VolumeMetadata, parse_format,
                                      parse_prealloc)
 from vmhost.storage.monitor import DomainMonitor, DomainStatus
 
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # VDSM's numeric domain types that map to what we support.
 _DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS}
+
+MAX_VOLUME_SIZE = 1 << 50     # 1 PiB: far beyond any disk, far below qemu-img's limits
 
 VolumeInUse = Callable[[str, str, str], bool]
 DomainListener = Callable[[str, bool, str], None]
@@ -164,13 +166,17 @@ class StorageService:
         check_uuid(vol_uuid, "volumeID")
         check_uuid(src_vol_uuid, "srcVolUUID")
         check_uuid(src_img_uuid, "srcImgUUID")
-        if not isinstance(size, int) or size < 1:
-            raise errors.InvalidParameter(f"size must be a positive number of bytes, got {size!r}")
+        if not isinstance(size, int) or not 1 <= size <= MAX_VOLUME_SIZE:
+            raise errors.InvalidParameter(
+                f"size must be 1..{MAX_VOLUME_SIZE} bytes (1 PiB), got {size!r}")
         try:
             fmt, prealloc = parse_format(vol_format), parse_prealloc(preallocate)
         except ValueError as e:
             raise errors.InvalidParameter(str(e)) from None
         parent = None if src_vol_uuid == BLANK_UUID else src_vol_uuid
+        if parent and prealloc is Prealloc.PREALLOCATED:
+            raise errors.InvalidParameter(
+                "preallocate must be SPARSE for a volume with a parent (a qcow2 overlay)")
         if parent and src_img_uuid not in (BLANK_UUID, img_uuid):
             raise errors.InvalidParameter(
                 "srcImgUUID must be imageID: a parent in another image is not supported")

@@ -164,6 +164,10 @@ class VmService:
                 raise errors.GeneralError(f"VM {vm_id} is down")
             dom = vm.domain(self._conn())
             try:
+                # Ask libvirt, not the cache: pause and cont are idempotent.
+                vm.status, vm.pause_code = status_from_state(*dom.state())
+                if vm.status == status:
+                    return
                 getattr(dom, op)()
                 # Read the state back rather than assume it: a VM resumed onto
                 # a still-failing disk pauses again at once, and its lifecycle
