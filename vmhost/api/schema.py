@@ -57,25 +57,25 @@ class Schema:
         self._defs: Mapping[str, Any] = document.get("$defs", {})
         self._specs: dict[str, VerbSpec] = {}
         self._validators: dict[str, Any] = {}
+        schemas = {}
         for name, entry in document.get("verbs", {}).items():
             spec = _parse_verb(name, entry)
-            json_schema = {
-                "$defs": self._defs,
-                "type": "object",
-                "properties": dict(spec.params),
-                "required": list(spec.required),
-                "additionalProperties": False,
-            }
-            try:
-                _Validator.check_schema(json_schema)
-            except jsonschema.SchemaError as e:
-                raise SchemaError(f"{name}: {e.message}") from None
             self._specs[name] = spec
-            self._validators[name] = _Validator(json_schema)
+            schemas[name] = {"type": "object", "properties": dict(spec.params),
+                             "required": list(spec.required), "additionalProperties": False}
+        # One meta-schema check of everything (per verb it cost most of the
+        # agent's start-up); validators are then built on a verb's first use.
+        try:
+            _Validator.check_schema({"$defs": self._defs, "properties": schemas})
+        except jsonschema.SchemaError as e:
+            path = list(e.absolute_path)
+            where = path[1] if len(path) > 1 and path[0] == "properties" else "$defs"
+            raise SchemaError(f"{where}: {e.message}") from None
+        self._schemas = schemas
 
     @classmethod
     def from_yaml(cls, text: str) -> Schema:
-        return cls(yaml.safe_load(text))
+        return cls(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
 
     def verbs(self) -> list[str]:
         return sorted(self._specs)
@@ -96,7 +96,10 @@ class Schema:
         """Raise InvalidParams (naming the field) unless params fit `verb`."""
         validator = self._validators.get(verb)
         if validator is None:
-            raise UnknownVerb(verb)
+            if verb not in self._schemas:
+                raise UnknownVerb(verb)
+            validator = self._validators[verb] = _Validator(
+                {"$defs": self._defs, **self._schemas[verb]})
         # iter_errors yields in schema order; the first error is enough for
         # the caller to fix, and keeps the message short.
         error = next(iter(validator.iter_errors(params)), None)
