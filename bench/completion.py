@@ -89,8 +89,10 @@ def markdown(result: dict) -> str:
              "COMPLETED event (received by the bench's own libvirt connection) to the agent's "
              "DONE notification (published after the job left vmJobs and its storage metadata "
              f"was synced). Internal merges of 1-5 MiB at {BANDWIDTH} MiB/s, one at a time; "
-             "blocks alternate between the two agents. With events off the expected latency is "
-             "the wait for the next poll, uniform over the interval, plus the cleanup.")
+             "blocks alternate between the two agents. With events off the latency is the wait "
+             "for the next poll plus the cleanup; its distribution has steps because the five "
+             "data sizes give five job durations (0.25 - 1.25 s), each ending at a fixed phase "
+             "of the poll interval.")
     return "## 3. Completion latency\n\n" + table + "\n\n" + notes + "\n"
 
 

@@ -45,8 +45,8 @@ def api_fits(points: list[dict]) -> dict:
 
 
 def fit_row(name: str, f: dict, unit: str, scale: float, digits: int) -> list[str]:
-    return [name, f"{f['intercept'] * scale:.{digits}f} {unit}",
-            f"{f['slope'] * scale:.{digits + 1}f} {unit}", f"{f['r2']:.2f}"]
+    return [name, f"{f['intercept'] * scale:.{digits}f} {unit}".rstrip(),
+            f"{f['slope'] * scale:.{digits + 1}f} {unit}".rstrip(), f"{f['r2']:.2f}"]
 
 
 def findings(recovery: dict | None, rfits: dict | None, api: dict | None,
@@ -81,8 +81,9 @@ def findings(recovery: dict | None, rfits: dict | None, api: dict | None,
             f"{', '.join(str(s['n']) for s in sizes)}: flat at zero however many such VMs there "
             f"are. The {sizes[0]['k']} VMs with a job: {', '.join(f'{v:.0f}' for v in job)} "
             f"(slope {rfits['job_storage']['slope']:.2f} per VM of N). The naive sync: "
-            f"{', '.join(f'{v:.0f}' for v in naive)}, {rfits['naive_storage']['slope']:.1f} "
-            f"calls and {rfits['naive_s']['slope'] * 1000:.1f} ms per VM.")
+            f"{', '.join(f'{v:.0f}' for v in naive)} calls, i.e. "
+            f"{rfits['naive_storage']['slope']:.1f} calls and "
+            f"{rfits['naive_s']['slope'] * 1000:.1f} ms per VM.")
     if afits and api:
         f = afits["stats_p50_s"]
         out.append(

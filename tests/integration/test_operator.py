@@ -108,12 +108,14 @@ def test_json_log_and_job_history_across_restart(workdir, libvirtd):
                                                    "volumeID": leaf},
                        baseVolUUID=mid, topVolUUID=leaf)
         env.wait_job_gone(vm, job, 60)
-        # The history entry is written after the last transition's log line.
-        wait_for(lambda: any(h["id"] == job for h in env.call("Host.getJobHistory")), 10,
-                 "the job in the history")
+
+        def job_records():
+            with open(agent.log_path) as f:
+                return [r for r in (json.loads(line) for line in f if line.startswith("{"))
+                        if r.get("jobID") == job]
+        wait_for(lambda: any(r["to"] == "DONE" for r in job_records()), 10, "the DONE line")
         env.agent.kill9()
-        with open(agent.log_path) as f:
-            records = [json.loads(line) for line in f if line.startswith("{")]
+        records = job_records()
         moves = [(r["from"], r["to"]) for r in records if r.get("jobID") == job]
         assert moves == [(None, "STARTING"), ("STARTING", "COMMIT"), ("COMMIT", "READY"),
                          ("READY", "PIVOT"), ("PIVOT", "CLEANUP"), ("CLEANUP", "DONE")]

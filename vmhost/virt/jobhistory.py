@@ -41,7 +41,9 @@ class JobHistory:
 
     def append(self, entry: dict) -> None:
         with self._lock:
-            self._entries = self._trim(self._entries + [entry])
+            # A job finished again after a crash replaces its earlier entry.
+            kept = [e for e in self._entries if e.get("id") != entry.get("id")]
+            self._entries = self._trim(kept + [entry])
             if self._path:
                 atomic_write(self._path, json.dumps({"version": 1, "jobs": self._entries},
                                                     separators=(",", ":")).encode())

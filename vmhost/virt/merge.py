@@ -579,9 +579,16 @@ class Merger:
 
     def _finish(self, vm: Vm, job: MergeJob, final: State, reason: str) -> None:
         old, job.state = job.state, final
+        # The outcome is in the history before the job leaves vmJobs, so an
+        # engine polling both never finds it in neither.
+        self._record_history(vm, job)
         rec = vm.definition.jobs.pop(job.id)
         failpoints.hit("merge.finish.before")
-        self._persist(vm)
+        try:
+            self._persist(vm)
+        except BaseException:
+            vm.definition.jobs[job.id] = rec
+            raise
         failpoints.hit("merge.finish.after")
         if job.id in self._unreported:
             self._unreported.discard(job.id)
@@ -590,18 +597,19 @@ class Merger:
                     "cur": "0", "end": "0", "state": final.value.lower(),
                     "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
             self._finished_unseen.setdefault(vm.id, {})[job.id] = info
-        self._emit(vm, job, old, final, reason)   # before the history takes the live info
-        self._record_history(vm, job)
+        self._emit(vm, job, old, final, reason)
+        self._live.pop(job.id, None)
 
     def _forget(self, vm: Vm, job: MergeJob) -> None:
+        self._record_history(vm, job)
         vm.definition.jobs.pop(job.id, None)
         self._persist(vm)
-        self._record_history(vm, job)
+        self._live.pop(job.id, None)
 
     def _record_history(self, vm: Vm, job: MergeJob) -> None:
         entry = job.to_record()
         entry.update(vmId=vm.id, finished=time.time(),
-                     bytes=self._live.pop(job.id, {}).get("end", 0))
+                     bytes=self._live.get(job.id, {}).get("end", 0))
         try:
             self.history.append(entry)
         except OSError as e:  # history is a convenience; never fail a job for it
