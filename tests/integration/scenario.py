@@ -14,7 +14,9 @@ from vmhost.ids import is_uuid
 MiB = 1 << 20
 
 
-def build(env, workdir):
+def build(env, workdir, fill_mib: int = 0):
+    """base <- s1 <- s2 <- leaf, data in every layer; `fill_mib` more MiB in s2
+    (inside both the internal (base..s2) and the active (s1..leaf) merges)."""
     img = str(uuid.uuid4())
     chain = [env.create_volume(img)]
     vm = env.create_vm([(img, chain[0])])
@@ -22,6 +24,9 @@ def build(env, workdir):
     for layer in range(4):
         g.write(0x10 + layer, layer * 2 * MiB, MiB)
         g.write(0x40 + layer, 0, 128 * 1024)
+        if layer == 2:
+            for off in range(0, fill_mib, 8):
+                g.write(0x5c, (16 + off) * MiB, min(8, fill_mib - off) * MiB)
         if layer < 3:
             chain.append(env.snapshot(vm, img, chain[-1]))
     return vm, img, chain, g
