@@ -20,41 +20,10 @@ from vmhost.events import EventBus, Subscription
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 
 
-class CountingBus(EventBus):
-    """An EventBus that lets a test wait until its subscriptions are closed."""
-
-    def __init__(self):
-        super().__init__()
-        self.open = 0
-        self._changed = threading.Condition()
-
-    def subscribe(self) -> Subscription:
-        sub = super().subscribe()
-        with self._changed:
-            self.open += 1
-            self._changed.notify_all()
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        super().unsubscribe(sub)
-        with self._changed:
-            self.open -= 1
-            self._changed.notify_all()
-
-    def wait_open(self, count: int, timeout: float = 5) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.open == count, timeout)
-
-
 @pytest.fixture(autouse=True)
 def quick_peer_check(monkeypatch):
     # Closed clients are noticed within this; tests wait for it.
     monkeypatch.setattr(server_module, "PEER_CHECK_INTERVAL", 0.05)
-
-
-@pytest.fixture
-def bus():
-    return CountingBus()
 
 
 def make_server(bus, ready=True):

@@ -43,40 +43,9 @@ def other_certs(tmp_path_factory):
     return pki.init(str(tmp_path_factory.mktemp("other-pki")))
 
 
-class CountingBus(EventBus):
-    """Lets a test wait until the server closed its subscriptions."""
-
-    def __init__(self):
-        super().__init__()
-        self.open = 0
-        self._changed = threading.Condition()
-
-    def subscribe(self) -> Subscription:
-        sub = super().subscribe()
-        with self._changed:
-            self.open += 1
-            self._changed.notify_all()
-        return sub
-
-    def unsubscribe(self, sub: Subscription) -> None:
-        super().unsubscribe(sub)
-        with self._changed:
-            self.open -= 1
-            self._changed.notify_all()
-
-    def wait_open(self, count: int, timeout: float = 5) -> bool:
-        with self._changed:
-            return self._changed.wait_for(lambda: self.open == count, timeout)
-
-
 @pytest.fixture(autouse=True)
 def quick_peer_check(monkeypatch):
     monkeypatch.setattr(server_module, "PEER_CHECK_INTERVAL", 0.05)
-
-
-@pytest.fixture
-def bus():
-    return CountingBus()
 
 
 def make_server(certs, bus, host="127.0.0.1", context=None) -> ApiServer:
