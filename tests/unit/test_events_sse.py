@@ -15,7 +15,6 @@ from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer, format_event
 from vmhost.client import Client, EventStream, RpcError, TransportError
-from vmhost.events import EventBus, Subscription
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 

@@ -9,7 +9,6 @@ import os
 import socket
 import ssl
 import stat
-import threading
 import time
 
 import pytest
@@ -25,7 +24,6 @@ from vmhost.api.tls import (TlsError, check_listen, client_context, is_loopback,
 from vmhost.cli import client as cli
 from vmhost.cli import pki
 from vmhost.client import Client, RpcError, TransportError
-from vmhost.events import EventBus, Subscription
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 
