@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import chain_with_data, wait_for
+from conftest import Env, _destroy_test_domains, chain_with_data, wait_for
 from vmhost.cli.agentproc import AgentProcess, free_port
 from vmhost.client import Client, TransportError
 
@@ -93,7 +93,6 @@ def test_metrics_during_and_after_a_merge(env, workdir):
 
 
 def test_json_log_and_job_history_across_restart(workdir, libvirtd):
-    from conftest import Env, _destroy_test_domains
     storage_root = os.path.join(workdir, "storage")
     os.makedirs(storage_root)
     agent = AgentProcess(os.path.join(workdir, "state"),

@@ -15,8 +15,14 @@ from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer, format_event
 from vmhost.client import Client, EventStream, RpcError, TransportError
+from countingbus import CountingBus
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
+
+
+@pytest.fixture
+def bus() -> CountingBus:
+    return CountingBus()
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ from vmhost.api.tls import (TlsError, check_listen, client_context, is_loopback,
 from vmhost.cli import client as cli
 from vmhost.cli import pki
 from vmhost.client import Client, RpcError, TransportError
+from countingbus import CountingBus
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 
@@ -39,6 +40,11 @@ def certs(tmp_path_factory):
 def other_certs(tmp_path_factory):
     """A second, unrelated CA with its own server and client certificates."""
     return pki.init(str(tmp_path_factory.mktemp("other-pki")))
+
+
+@pytest.fixture
+def bus() -> CountingBus:
+    return CountingBus()
 
 
 @pytest.fixture(autouse=True)

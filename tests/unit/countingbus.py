@@ -1,9 +1,8 @@
-"""Shared fixtures of the unit tests."""
+"""An EventBus for the SSE and TLS tests. (Not a conftest.py: a second
+module named conftest would shadow tests/integration/conftest.py.)"""
 from __future__ import annotations
 
 import threading
-
-import pytest
 
 from vmhost.events import EventBus, Subscription
 
@@ -33,8 +32,3 @@ class CountingBus(EventBus):
     def wait_open(self, count: int, timeout: float = 5) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self.open == count, timeout)
-
-
-@pytest.fixture
-def bus() -> CountingBus:
-    return CountingBus()
