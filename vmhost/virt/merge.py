@@ -216,6 +216,8 @@ class Merger:
             for old in self._jobs(vm):
                 if old.drive == job.drive and old.state is State.FAILED:
                     self._forget(vm, old)
+            with self._lock:
+                self._unreported.add(job.id)   # until a stats call has shown it
             self._save(vm, job, None, "merge requested")  # write-ahead: STARTING
             try:
                 self._block_commit(dom, job)
@@ -224,7 +226,6 @@ class Merger:
                 self._persist(vm)
                 self._emit(vm, job, State.STARTING, State.FAILED, f"blockCommit failed: {e}")
                 raise errors.MergeFailed(f"libvirt refused the commit: {e}") from None
-            self._unreported.add(job.id)
             self._transition(vm, job, State.COMMIT, "blockCommit started")
         self._submit(vm.id, job.id)
         return job.id
@@ -259,9 +260,11 @@ class Merger:
         return rec["state"].lower() if rec else "unknown"
 
     def job_stats(self, vm: Vm) -> dict:
-        out = self._finished_unseen.pop(vm.id, {})
-        for rec in list(vm.definition.jobs.values()):
-            self._unreported.discard(rec["id"])
+        with self._lock:
+            out = self._finished_unseen.pop(vm.id, {})
+            records = list(vm.definition.jobs.values())
+            self._unreported.difference_update(rec["id"] for rec in records)
+        for rec in records:
             live = self._live.get(rec["id"], {})
             info = {"id": rec["id"], "jobType": "block", "blockJobType": "commit",
                     "drive": rec["drive"], "imgUUID": rec["image"],
@@ -582,21 +585,24 @@ class Merger:
         # The outcome is in the history before the job leaves vmJobs, so an
         # engine polling both never finds it in neither.
         self._record_history(vm, job)
-        rec = vm.definition.jobs.pop(job.id)
+        with self._lock:  # against job_stats: the job is always in one of the two places
+            rec = vm.definition.jobs.pop(job.id)
+            if job.id in self._unreported:
+                self._unreported.discard(job.id)
+                self._finished_unseen.setdefault(vm.id, {})[job.id] = {
+                    "id": job.id, "jobType": "block", "blockJobType": "commit",
+                    "drive": job.drive, "imgUUID": job.image, "bandwidth": job.bandwidth,
+                    "cur": "0", "end": "0", "state": final.value.lower(),
+                    "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
         failpoints.hit("merge.finish.before")
         try:
             self._persist(vm)
         except BaseException:
-            vm.definition.jobs[job.id] = rec
+            with self._lock:
+                vm.definition.jobs[job.id] = rec
+                self._finished_unseen.get(vm.id, {}).pop(job.id, None)
             raise
         failpoints.hit("merge.finish.after")
-        if job.id in self._unreported:
-            self._unreported.discard(job.id)
-            info = {"id": job.id, "jobType": "block", "blockJobType": "commit",
-                    "drive": job.drive, "imgUUID": job.image, "bandwidth": job.bandwidth,
-                    "cur": "0", "end": "0", "state": final.value.lower(),
-                    "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
-            self._finished_unseen.setdefault(vm.id, {})[job.id] = info
         self._emit(vm, job, old, final, reason)
         self._live.pop(job.id, None)
 
