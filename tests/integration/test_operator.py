@@ -80,9 +80,11 @@ def test_metrics_during_and_after_a_merge(env, workdir):
                       metric(t, "vmhost_jobs", state="COMMIT") == 1 and t, 20, "COMMIT gauge")
     assert metric(during, "vmhost_api_requests_total", verb="VM.merge") == 1
     env.wait_job_gone(vm, job, 60)
-    after = scrape(env.agent)
+    # The counters follow the job's DONE event, published just after it left vmJobs.
+    after = wait_for(lambda: (t := scrape(env.agent)) and metric(
+        t, "vmhost_merge_jobs_total", outcome="done", kind="internal") == 1 and t, 10,
+        "the DONE counter")
     assert metric(after, "vmhost_jobs", state="COMMIT") == 0
-    assert metric(after, "vmhost_merge_jobs_total", outcome="done", kind="internal") == 1
     assert metric(after, "vmhost_merge_duration_seconds_count", kind="internal") == 1
     assert metric(after, "vmhost_merge_duration_seconds_sum", kind="internal") > 0
     assert metric(after, "vmhost_merge_bytes_total", kind="internal") > 0
