@@ -26,6 +26,7 @@ from vmhost.ids import is_uuid
 from vmhost.events import EventBus
 from vmhost.metrics import Metrics
 from vmhost.scheduler import DONE, Scheduler
+from vmhost.storage.repairs import ImageRepairs
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
 from vmhost.virt.host import HostService, detect_virt_type
@@ -63,14 +64,18 @@ class Agent:
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
             monitor_timeout=config.monitor_timeout)
+        self.repairs = ImageRepairs(config.state_dir, self.storage, self.scheduler,
+                                    publish=self.events.publish)
         self.vms = VmService(
             self.connection.get, self.storage, virt_type="qemu", scheduler=self.scheduler,
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,
-                                     pivot_retries=config.pivot_retries,
-                                     pivot_timeout=config.pivot_timeout),
+                                     pivot_budget=config.pivot_budget,
+                                     pivot_timeout=config.pivot_timeout,
+                                     final_entry_ttl=config.final_job_ttl),
             publish=self.events.publish, host_id=load_host_id(config.state_dir),
             history=JobHistory(os.path.join(config.state_dir, "job-history.json"),
-                               config.job_history_size, config.job_history_ttl))
+                               config.job_history_size, config.job_history_ttl),
+            repairs=self.repairs)
         self.host = HostService(self.connection.get, virt_type="qemu",
                                 pending_work=self.scheduler.pending)
         self.metrics = Metrics(self.vms, self.scheduler, self.storage)
@@ -145,6 +150,8 @@ class Agent:
                 virt_type = detect_virt_type(conn)
                 self.vms.virt_type = self.host.virt_type = virt_type
                 count = self.vms.recover()
+                # Repairs whose VM is gone run now (when their domain is VALID).
+                self.repairs.resume(self.vms.owned_jobs(), {vm.id for vm in self.vms.vms()})
                 break
             except libvirt.libvirtError as e:
                 # libvirtd not up yet: keep answering 99 and try again.

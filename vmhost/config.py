@@ -36,8 +36,9 @@ class Config:
     # Block jobs
     job_poll_interval: float = 1.0           # seconds between polls of a running block job
     block_job_events: bool = True            # poll at once on libvirt's BLOCK_JOB_2 event
-    pivot_retries: int = 5                   # failed pivots before a merge is aborted
+    pivot_budget: float = 300.0              # seconds of failing pivots before a merge is aborted
     pivot_timeout: float = 10.0              # seconds to wait for the live XML after a pivot
+    final_job_ttl: float = 10.0              # seconds a finished job stays in vmJobs once shown
     job_history_size: int = 1000             # finished jobs kept for Host.getJobHistory
     job_history_ttl: float = 7 * 86400.0     # seconds a finished job is kept
     # Scheduler

@@ -17,22 +17,32 @@ import threading
 ENV = "VMHOST_FAILPOINT"
 
 # The merge flow: before and after every persisted state change and every
-# side effect (libvirt calls, storage metadata writes).
-POINTS: tuple[str, ...] = (
+# side effect (libvirt calls, storage metadata writes). The crash matrix runs
+# each of these x {internal, active}.
+MERGE_POINTS: tuple[str, ...] = (
+    "merge.intent.written",
     "merge.save.STARTING.before", "merge.save.STARTING.after",
     "merge.blockcommit.before", "merge.blockcommit.after",
     "merge.save.COMMIT.before", "merge.save.COMMIT.after",
     "merge.save.READY.before", "merge.save.READY.after",
-    "merge.mark_illegal.before", "merge.mark_illegal.after",
     "merge.save.PIVOT.before", "merge.save.PIVOT.after",
-    "merge.pivot.before", "merge.pivot.after",
+    "merge.pivot.paused", "merge.pivot.before", "merge.pivot.after",
     "merge.save.CLEANUP.before", "merge.save.CLEANUP.after",
     "merge.cleanup.vm_synced",
     "merge.cleanup.storage_sync.before", "merge.cleanup.storage_sync.after",
+    "merge.cleanup.resumed",
     "merge.cleanup.finish_merge.before", "merge.cleanup.finish_merge.after",
     "merge.finish.before", "merge.finish.after",
     "storage.metadata.temp_written",
 )
+# Edges that need their own scenario: a failed pivot, the VM going down
+# mid-merge (its storage work becomes an image repair), a snapshot.
+EDGE_POINTS: tuple[str, ...] = (
+    "merge.pivot_failed.resumed",
+    "merge.down.repair_queued", "repair.queued", "repair.done.before_forget",
+    "vm.snapshot.before", "vm.snapshot.after",
+)
+POINTS: tuple[str, ...] = MERGE_POINTS + EDGE_POINTS
 
 
 def _parse(spec: str) -> tuple[str, int] | None:

@@ -16,13 +16,13 @@ import pytest
 from conftest import start_agent, wait_for
 from scenario import build, check_converged, merge, record, restart_and_converge
 from vmhost.client import TransportError
-from vmhost.failpoints import ENV, POINTS
+from vmhost.failpoints import ENV, MERGE_POINTS
 
 KINDS = {"internal": (0, 2), "active": (1, 3)}   # (base index, top index) in a 4-volume chain
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", MERGE_POINTS)
 def test_crash_at_point(env, workdir, point, kind):
     vm, img, chain, g = build(env, workdir)
     base, top = (chain[i] for i in KINDS[kind])

@@ -37,12 +37,12 @@ def test_refuses_public_listen_without_tls(workdir):
 def test_config_show_merges_file_and_flags(workdir):
     path = os.path.join(workdir, "vmhost.toml")
     with open(path, "w") as f:
-        f.write('state_dir = "/srv/vmhost"\nmonitor_interval = 2\npivot_retries = 9\n')
-    p = vmhost("config", "show", "--config", path, "--pivot-retries", "3")
+        f.write('state_dir = "/srv/vmhost"\nmonitor_interval = 2\npivot_budget = 9\n')
+    p = vmhost("config", "show", "--config", path, "--pivot-budget", "3")
     assert p.returncode == 0, p.stderr
     assert 'state_dir = "/srv/vmhost"' in p.stdout
     assert "monitor_interval = 2.0" in p.stdout
-    assert "pivot_retries = 3" in p.stdout               # the flag wins over the file
+    assert "pivot_budget = 3.0" in p.stdout               # the flag wins over the file
     assert 'listen = "127.0.0.1:54321"' in p.stdout      # defaults are shown too
     with open(path, "a") as f:
         f.write("colour = 1\n")

@@ -29,6 +29,21 @@ class FakeDomain:
         self.job: dict | None = None      # {"base", "top", "active", "ready", "cur", "end"}
         self.pivot_failures = 0
         self.commit_error: str | None = None
+        self.running = True
+
+    def state(self, flags=0):
+        return [libvirt.VIR_DOMAIN_RUNNING if self.running else libvirt.VIR_DOMAIN_PAUSED, 0]
+
+    def suspend(self):
+        self.log.append(("suspend",))
+        self.running = False
+
+    def resume(self):
+        self.log.append(("resume",))
+        self.running = True
+
+    def blockJobSetSpeed(self, disk, bandwidth, flags=0):
+        self.log.append(("speed", bandwidth))
 
     def _path(self, vol):
         return f"/sd/{SD}/images/{IMG}/{vol}"
@@ -114,6 +129,26 @@ class FakeStorage:
         self.log.append(("finish", base, list(merged), capacity, base_is_leaf))
 
 
+class FakeRepairs:
+    def __init__(self):
+        self.intents, self.started = {}, {}
+
+    def intend(self, repair):
+        self.intents[repair.key] = repair
+
+    def has(self, key):
+        return key in self.intents
+
+    def cancel(self, key):
+        self.intents.pop(key, None)
+
+    def start(self, key, reason):
+        if key not in self.intents:
+            return False
+        self.started[key] = reason
+        return True
+
+
 class FakeScheduler:
     def __init__(self):
         self.items = {}
@@ -142,15 +177,20 @@ def world():
     def persist(v):
         log.append(("persist", {k: r["state"] for k, r in v.definition.jobs.items()}))
         persisted.append(dict(v.definition.jobs))
-    merger = Merger(storage, FakeScheduler(), lambda vm_id: vm if vm_id == vm.id else None,
+    repairs = FakeRepairs()
+    scheduler = FakeScheduler()
+    merger = Merger(storage, scheduler, lambda vm_id: vm if vm_id == vm.id else None,
                     domain_of=lambda v: dom, persist=persist,
-                    config=MergeConfig(poll_interval=0.01, pivot_retries=3, pivot_timeout=0.2))
+                    config=MergeConfig(poll_interval=0.01, pivot_budget=60, pivot_timeout=0.2,
+                                       final_entry_ttl=0),
+                    repairs=repairs)
 
     class W:
         pass
     w = W()
     w.log, w.chain, w.dom, w.storage, w.vm, w.merger, w.persisted = \
         log, chain, dom, storage, vm, merger, persisted
+    w.repairs, w.scheduler = repairs, scheduler
     w.spec = {"domainID": SD, "imageID": IMG, "volumeID": chain[-1]}
     w.state = lambda job_id: vm.definition.jobs[job_id]["state"] if job_id in vm.definition.jobs else None
     w.step = lambda job_id: merger.advance(vm.id, job_id)
@@ -186,88 +226,171 @@ def test_active_merge_pivots_only_when_xml_says_ready(world):
     assert world.state(job) == "COMMIT"
     world.dom.progress(100, ready=True)
     assert world.step(job) is DONE
-    # Volumes above the base marked ILLEGAL (sync to the chain as it will be
-    # after the pivot) strictly before the pivot.
-    sync_at = world.log.index(("sync", c[3], [c[0], c[1]]))
-    pivot_at = world.log.index(("blockJobAbort", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT))
-    assert sync_at < pivot_at
     states = [tuple(e[1].values()) for e in world.log if e[0] == "persist"]
     assert states[1:5] == [("COMMIT",), ("READY",), ("PIVOT",), ("CLEANUP",)]
     assert world.vm.definition.drives[0].volume_ids() == [c[0], c[1]]
     assert ("finish", c[1], [c[2], c[3]], 1 << 20, True) in world.log
+    assert world.dom.running
 
 
-def test_no_pivot_while_storage_is_down(world):
+def test_finding4_marker_is_written_after_the_pivot_with_the_guest_paused(world):
+    """The ILLEGAL marker means exactly "pivoted": the VM is paused for the
+    pivot, the marker written after it, and only then the VM runs again."""
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3], bandwidth=5)
+    world.dom.progress(100, ready=True)
+    assert world.step(job) is DONE
+    order = [e for e in world.log if e[0] in ("suspend", "blockJobAbort", "sync", "resume",
+                                                "speed")]
+    assert order == [("suspend",), ("speed", 0),
+                     ("blockJobAbort", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT),
+                     ("sync", c[3], [c[0], c[1]]), ("resume",)]
+    # The record said "paused for the pivot" before the VM was paused.
+    pivot_rec = next(p[job] for p in world.persisted if p.get(job, {}).get("state") == "PIVOT")
+    assert pivot_rec["paused_for_pivot"] is True
+
+
+def test_finding4_storage_down_after_pivot_keeps_the_vm_paused_until_marked(world):
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[2], top=c[3])
     world.dom.progress(100, ready=True)
     world.storage.valid = False
-    out = world.step(job)
+    out = world.step(job)                         # no pause while the marker cannot be written
     assert isinstance(out, Blocked) and SD in out.requirement.description
-    assert world.state(job) == "READY"
+    assert world.state(job) == "READY" and world.dom.running
     world.storage.valid, world.storage.fail = True, True
-    assert isinstance(world.step(job), Retry)
-    assert world.state(job) == "READY"
-    assert not any(e[0] == "blockJobAbort" for e in world.log)
+    assert isinstance(world.step(job), Retry)     # pivoted; the marker write failed
+    assert world.state(job) == "CLEANUP" and not world.dom.running
     world.storage.fail = False
     assert world.step(job) is DONE
+    assert world.dom.running
+    assert world.vm.definition.drives[0].volume_ids() == c[:3]
 
 
-def test_pivot_failure_marks_leaf_legal_and_retries(world):
+def test_finding3_failed_pivot_touches_no_storage_and_resumes(world):
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[2], top=c[3])
     world.dom.progress(100, ready=True)
     world.dom.pivot_failures = 1
     out = world.step(job)
     assert isinstance(out, Retry) and "pivot failed" in out.reason
-    assert world.state(job) == "READY"
-    # ILLEGAL before the pivot, LEGAL again (full chain) after it failed.
-    syncs = [e for e in world.log if e[0] == "sync"]
-    assert syncs == [("sync", c[3], c[:3]), ("sync", c[3], c)]
+    assert world.state(job) == "READY" and world.dom.running
+    assert not any(e[0] == "sync" for e in world.log)   # the marker was never written
+    rec = world.vm.definition.jobs[job]
+    assert rec["paused_for_pivot"] is False and rec["pivot_attempts"] == 1
     assert world.step(job) is DONE
     assert world.vm.definition.drives[0].volume_ids() == c[:3]
 
 
-def test_pivot_retries_are_bounded_then_aborted_and_failed(world):
+def test_finding7_pivot_failures_retry_within_a_time_budget(world):
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[2], top=c[3])
     world.dom.progress(100, ready=True)
     world.dom.pivot_failures = 99
-    for _ in range(3):
+    for _ in range(8):                               # far more than the old bound of 5
         assert isinstance(world.step(job), Retry)
+        assert world.state(job) == "READY"
+    world.merger.config.pivot_budget = 0             # the budget is spent
+    assert isinstance(world.step(job), Retry)
     assert world.state(job) == "ABORTING"
     assert world.step(job) is DONE
-    rec = world.vm.definition.jobs[job]
-    assert rec["state"] == "FAILED" and "pivot failed 3 times" in rec["error"]
-    assert world.dom.job is None and world.dom.chain == c
-    assert world.log[-2][0] == "sync" and world.log[-2][2] == c   # leaf LEGAL again
-    assert world.merger.job_stats(world.vm)[job]["error"] == rec["error"]
-    # A new merge on the drive acknowledges the FAILED job.
-    job2 = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
-    assert job not in world.vm.definition.jobs and job2 in world.vm.definition.jobs
+    # finding 6: a FAILED job leaves vmJobs; its outcome is in the history.
+    assert job not in world.vm.definition.jobs
+    entry = world.merger.history.find(job)
+    assert entry["state"] == "FAILED" and "pivot failed 9 times" in entry["error"]
+    assert world.dom.job is None and world.dom.chain == c and world.dom.running
+    assert not any(e[0] == "sync" and e[2] != c for e in world.log)   # never marked
 
 
-def test_external_cancel_is_failed_with_reason_and_chain_intact(world):
+def test_finding6_failed_job_leaves_vmjobs(world):
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[2])
+    assert world.merger.job_stats(world.vm)[job]["state"] == "commit"
     world.dom.job = None                       # `virsh blockjob --abort` behind our back
     world.merger.on_block_job_event(world.vm.id, "vda", 3, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED)
     assert world.step(job) is DONE
-    rec = world.vm.definition.jobs[job]
-    assert rec["state"] == "FAILED" and "cancelled outside vmhost" in rec["error"]
+    assert world.merger.job_stats(world.vm) == {}
+    entry = world.merger.history.find(job)
+    assert entry["state"] == "FAILED" and "cancelled outside vmhost" in entry["error"]
     assert world.vm.definition.drives[0].volume_ids() == c
     assert not any(e[0] == "finish" for e in world.log)
+    world.merger.dismiss(world.vm, job)        # a no-op for a job already gone
+    assert job not in world.repairs.intents    # nothing left to repair
 
 
-def test_libvirt_job_failure_is_reported(world):
+def test_finding10_stale_event_is_not_the_reason_of_a_later_failure(world):
+    c = world.chain
+    world.merger.on_block_job_event(world.vm.id, "vda", 3, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED)
+    assert world.merger._last_event == {}      # no job on the drive: not kept
+    job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
+    world.merger.on_block_job_event(world.vm.id, "vda", 3, libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED)
+    world.dom.job = None
+    world.step(job)
+    assert "FAILED" in world.merger.history.find(job)["error"]
+    assert world.merger._last_event == {}      # dropped with the job
+
+
+def test_finding10_failed_blockcommit_leaks_nothing(world):
+    c = world.chain
+    world.dom.commit_error = "internal error"
+    with pytest.raises(errors.MergeFailed):
+        world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
+    assert world.merger._unreported == set() and world.repairs.intents == {}
+
+
+def test_finding10_final_entry_is_not_stolen_by_a_fast_poller(world):
+    c = world.chain
+    world.merger.config.final_entry_ttl = 3600
+    job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
+    world.dom.finish()
+    assert world.step(job) is DONE
+    # A monitoring poller and then the engine: both see the final entry.
+    assert world.merger.job_stats(world.vm)[job]["state"] == "done"
+    assert world.merger.job_stats(world.vm)[job]["state"] == "done"
+    world.merger.forget_vm(world.vm.id)
+    assert world.merger.job_stats(world.vm) == {}
+
+
+def test_finding5_commit_persist_failure_still_leaves_a_work_item(world):
+    c = world.chain
+    calls = {"n": 0}
+    real = world.merger._persist
+
+    def flaky(vm):
+        calls["n"] += 1
+        if calls["n"] == 2:                    # STARTING is stored, COMMIT is not
+            raise libvirt.libvirtError("cannot acquire state change lock")
+        real(vm)
+    world.merger._persist = flaky
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3])
+    assert world.state(job) == "STARTING" and world.dom.job is not None
+    assert f"merge/{world.vm.id}/{job}" in world.scheduler.items
+    world.dom.progress(100, ready=True)
+    assert world.step(job) is DONE              # STARTING found the job, and went on
+    assert world.vm.definition.drives[0].volume_ids() == c[:2]
+
+
+def test_finding2_vm_down_hands_storage_work_to_a_repair(world):
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3])
+    assert world.repairs.intents[job].walk_from == c[3]     # written before blockCommit
+    world.dom.progress(100, ready=True)
+    world.storage.valid = False
+    assert isinstance(world.step(job), Blocked)
+    world.vm.status = "Down"                    # QEMU died while the job waited
+    assert world.step(job) is DONE
+    assert job not in world.vm.definition.jobs
+    assert "went down" in world.repairs.started[job]
+    assert world.repairs.intents[job].merged == [c[2], c[3]]
+    assert world.merger.history.find(job)["state"] == "FAILED"
+
+
+def test_finding2_destroyed_vm_hands_storage_work_to_a_repair(world):
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
-    world.dom.job = None
-    world.merger.on_block_job_event(world.vm.id, "vda", 3, libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED)
-    world.step(job)
-    assert "FAILED" in world.vm.definition.jobs[job]["error"]
-    world.merger.dismiss(world.vm, job)
-    assert world.merger.job_stats(world.vm) == {}
+    world.vm.status = "Down"
+    world.merger.vm_gone(world.vm)
+    assert job in world.repairs.started and job not in world.vm.definition.jobs
 
 
 def test_abort_leaves_chain_and_ends_aborted(world):
@@ -337,22 +460,27 @@ def test_failed_validation_leaves_no_trace(world, case):
 
 
 def test_record_versions():
-    job = MergeJob(id=U(), drive="vda", domain=SD, image=IMG, leaf="l", base="b", top="l",
-                   chain=["b", "l"], bandwidth=5, state=State.READY, pivot_attempts=2)
+    b, l = U(), U()
+    job = MergeJob(id=U(), drive="vda", domain=SD, image=IMG, leaf=l, base=b, top=l,
+                   chain=[b, l], bandwidth=5, state=State.READY, pivot_attempts=2)
     rec = job.to_record()
     assert rec["version"] == 2
     assert MergeJob.from_record(rec) == job
     # Version 1: VDSM's livemerge Job.to_dict() layout.
     v1 = {"id": job.id, "drive": "vda", "disk": {"poolID": U(), "domainID": SD, "imageID": IMG,
-          "volumeID": "l"}, "base": "b", "top": "l", "bandwidth": 5, "state": "CLEANUP",
+          "volumeID": l}, "base": b, "top": l, "bandwidth": 5, "state": "CLEANUP",
           "extend": None, "pivot": True}
     old = MergeJob.from_record(v1)
-    assert (old.state, old.active, old.leaf, old.chain) == (State.READY, True, "l", ["b", "l"])
+    assert (old.state, old.active, old.leaf, old.chain) == (State.READY, True, l, [b, l])
     with pytest.raises(ValueError, match="version"):
         MergeJob.from_record({**rec, "version": 99})
+    # A malformed field is refused naming it (recovery reports such a VM).
+    with pytest.raises(errors.InvalidParameter, match="leaf"):
+        MergeJob.from_record({**rec, "leaf": "../../etc"})
 
 
 def test_job_finished_before_any_stats_is_shown_once(world):
+    # (final_entry_ttl = 0 here: shown to one stats call, then gone)
     c = world.chain
     job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
     world.dom.finish()

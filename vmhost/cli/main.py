@@ -28,7 +28,10 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--monitor-timeout", type=float, help=f"seconds (default {d.monitor_timeout})")
     p.add_argument("--job-poll-interval", type=float,
                    help=f"seconds (default {d.job_poll_interval})")
-    p.add_argument("--pivot-retries", type=int, help=f"default {d.pivot_retries}")
+    p.add_argument("--pivot-budget", type=float,
+                   help=f"seconds of failing pivots before abort (default {d.pivot_budget})")
+    p.add_argument("--final-job-ttl", type=float,
+                   help=f"seconds a finished job stays in vmJobs once shown (default {d.final_job_ttl})")
     p.add_argument("--no-block-job-events", dest="block_job_events", action="store_const",
                    const=False, help="ignore libvirt's block job events: poll only")
     p.add_argument("--tls-cert", help="server certificate (PEM)")
@@ -41,7 +44,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_SETTINGS = ("listen", "state_dir", "libvirt_uri", "monitor_interval", "monitor_timeout",
-                  "job_poll_interval", "pivot_retries", "block_job_events", "tls_cert",
+                  "job_poll_interval", "pivot_budget", "final_job_ttl", "block_job_events", "tls_cert",
                   "tls_key", "tls_ca", "insecure", "log_level", "log_format")
 
 

@@ -260,6 +260,24 @@ class StorageService:
         log.info("image %s reconciled from %s: %s (%s)", img_uuid, leaf_uuid, chain, case)
         return chain
 
+    def repair_after_merge(self, sd_uuid: str, img_uuid: str, walk_from: str, base: str,
+                           merged: list[str], capacity: int) -> list[str]:
+        """The storage work a merge job owes after its VM went away
+        (storage/repairs.py): an offline reconcile from the job's leaf, then,
+        if the merge happened, what its cleanup would have done. Refused
+        (VolumeIsBusy) while a VM of this host runs any volume of the image."""
+        image = self._image(sd_uuid, img_uuid)
+        busy = [v for v in image.domain.volumes(img_uuid)
+                if self.volume_in_use(sd_uuid, img_uuid, v)]
+        if busy:
+            raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM")
+        chain = self.reconcile_chain(sd_uuid, img_uuid, walk_from)
+        gone = [v for v in merged if v not in chain]
+        if gone and base in chain:
+            self.finish_merge(sd_uuid, img_uuid, base, gone, capacity,
+                              base_is_leaf=chain[-1] == base)
+        return chain
+
     def domain_valid(self, sd_uuid: str) -> bool:
         return bool(self.domain_status(sd_uuid).valid)
 

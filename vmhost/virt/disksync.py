@@ -14,7 +14,7 @@ import logging
 from typing import Callable, Protocol
 
 from vmhost import errors
-from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
+from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.virt import domxml
 from vmhost.virt.vm import DOWN, Vm
 
@@ -30,37 +30,46 @@ class SyncStorage(Protocol):
 class DiskSynchronizer:
     def __init__(self, storage: SyncStorage, scheduler: Scheduler,
                  vm_lookup: Callable[[str], Vm | None],
-                 xml_of: Callable[[Vm], str], persist: Callable[[Vm], None]):
+                 xml_of: Callable[[Vm], str], persist: Callable[[Vm], None],
+                 busy: Callable[[Vm], set[str]] = lambda vm: set()):
         self._storage = storage
         self._scheduler = scheduler
         self._vm_lookup = vm_lookup
         self._xml_of = xml_of
         self._persist = persist
+        self._busy = busy    # drives with a live job: only the job touches them
 
     def synchronize(self, vm: Vm) -> dict:
-        """Sync every drive; returns {drive: {before, after, storage}}. Raises
-        naming the domain if its storage cannot be repaired now (the repair
-        stays pending and runs when the domain is VALID)."""
+        """Sync every drive without a live job; returns {drive: {before, after,
+        storage}} ({skipped: reason} for a drive a job owns). Raises naming the
+        domain if its storage cannot be repaired now (the repair stays pending
+        and runs when the domain is VALID)."""
         with vm.lock:
             if vm.status == DOWN:
                 raise errors.GeneralError(f"VM {vm.id} is down")
             live = domxml.live_disks(self._xml_of(vm))
-            result, names = {}, [d.name for d in vm.definition.drives]
+            busy = self._busy(vm)
+            result, names = {}, []
             for drive in vm.definition.drives:
                 result[drive.name] = {"domainID": drive.domain, "imageID": drive.image,
                                       "before": drive.volume_ids()}
+                if drive.name in busy:
+                    result[drive.name]["skipped"] = ("the drive has a live merge job; the job "
+                                                     "syncs its chain when it ends")
+                    continue
+                names.append(drive.name)
                 # Walk the storage chain from the leaf the storage last knew.
                 vm.definition.storage_sync.setdefault(drive.name, drive.volume)
             vm.apply_live_chain(live, names)
             self._persist(vm)   # the VM view and the pending repairs, before storage
             for drive in vm.definition.drives:
                 result[drive.name]["after"] = drive.volume_ids()
-            unavailable = []
-            for name in names:
-                outcome = self._repair_drive(vm, name, result)
-                if outcome is not DONE:
-                    unavailable.append((name, outcome))
-                    self._submit(vm.id, name)
+        unavailable = []
+        for name in names:     # storage, outside the VM lock
+            outcome = self._repair_drive(vm, name, result)
+            if outcome is not DONE:
+                unavailable.append((name, outcome))
+                self._submit(vm.id, name)
         if unavailable:
             drive = vm.definition.drive(unavailable[0][0])
             raise errors.StorageDomainUnavailable(
@@ -84,28 +93,41 @@ class DiskSynchronizer:
 
     def _run(self, vm_id: str, drive: str) -> Outcome:
         vm = self._vm_lookup(vm_id)
-        if vm is None or drive not in vm.definition.storage_sync:
+        if vm is None or vm.status == DOWN or drive not in vm.definition.storage_sync:
             return DONE
-        with vm.lock:
-            return self._repair_drive(vm, drive, None)
+        return self._repair_drive(vm, drive, None)
 
     def _repair_drive(self, vm: Vm, name: str, result: dict | None) -> Outcome:
-        walk_from = vm.definition.storage_sync.get(name)
-        if walk_from is None:
-            return DONE
-        drive = vm.definition.drive(name)
-        if not self._storage.domain_valid(drive.domain):
-            return Blocked(Requirement(f"storage domain {drive.domain} is VALID",
-                                       ("domain", drive.domain),
-                                       lambda: self._storage.domain_valid(drive.domain)))
+        """Decide under the VM lock, write storage without it, re-check and
+        persist under it again."""
+        with vm.lock:
+            walk_from = vm.definition.storage_sync.get(name)
+            if walk_from is None:
+                return DONE
+            drive = vm.definition.drive(name)
+            if name in self._busy(vm):
+                # A job started since: it owns the drive's storage now.
+                del vm.definition.storage_sync[name]
+                self._persist(vm)
+                return DONE
+            domain, image, actual = drive.domain, drive.image, drive.volume_ids()
+        if not self._storage.domain_valid(domain):
+            return Blocked(Requirement(f"storage domain {domain} is VALID",
+                                       ("domain", domain),
+                                       lambda: self._storage.domain_valid(domain)))
         try:
-            case = self._storage.sync_volume_chain(drive.domain, drive.image, walk_from,
-                                                   drive.volume_ids())
+            case = self._storage.sync_volume_chain(domain, image, walk_from, actual)
         except Exception as e:
             log.warning("VM %s drive %s: storage repair failed: %s", vm.id, name, e)
-            return Retry(f"storage repair of image {drive.image} failed: {e}")
-        del vm.definition.storage_sync[name]
-        self._persist(vm)
+            return Retry(f"storage repair of image {image} failed: {e}")
+        with vm.lock:
+            if vm.status == DOWN:
+                return DONE
+            if (vm.definition.storage_sync.get(name) != walk_from
+                    or vm.definition.drive(name).volume_ids() != actual):
+                return Wait(0.0)     # changed meanwhile: decide again
+            del vm.definition.storage_sync[name]
+            self._persist(vm)
         if result is not None:
             result[name]["storage"] = case
         log.info("VM %s drive %s: storage metadata in sync (%s)", vm.id, name, case)

@@ -16,29 +16,56 @@ State table (recovery = what a restarted agent does; it is the same step):
 
 | state    | meaning / persisted before              | step (poll, and recovery)                                  |
 |----------|-----------------------------------------|------------------------------------------------------------|
-| STARTING | validated; before blockCommit           | libvirt job present -> COMMIT; top gone from the live      |
-|          |                                         | chain -> CLEANUP; else call blockCommit (again) -> COMMIT  |
+| STARTING | validated; the image repair intent is   | libvirt job present -> COMMIT; top gone from the live      |
+|          | written; before blockCommit             | chain -> CLEANUP; else call blockCommit (again) -> COMMIT  |
 | COMMIT   | blockCommit was called                  | job present: report cur/end; active and <mirror            |
 |          |                                         | ready='yes'> -> READY. job absent -> CLEANUP               |
-| READY    | active job ready; before marking the    | needs the domain VALID: mark base+1..leaf ILLEGAL (storage |
-|          | leaf ILLEGAL                            | sync to the chain after the pivot); if that fails, no      |
-|          |                                         | pivot, retry later. Then -> PIVOT                          |
-| PIVOT    | leaf is ILLEGAL; before blockJobAbort   | job present and ready: pivot, wait until the live chain    |
-|          | (PIVOT)                                 | shows base as leaf -> CLEANUP. Pivot error: leaf LEGAL     |
-|          |                                         | again, attempts+1 -> READY (retry with backoff), or past   |
-|          |                                         | the bound -> ABORTING. Job absent -> CLEANUP               |
-| ABORTING | abort requested (API or pivot bound);   | job present: blockJobAbort (no pivot). Job absent ->       |
-|          | before blockJobAbort                    | CLEANUP                                                    |
+| READY    | active job ready for a pivot            | needs the domain VALID (the marker must be writable right  |
+|          |                                         | after the pivot). -> PIVOT (paused_for_pivot unless the VM |
+|          |                                         | is already paused)                                         |
+| PIVOT    | before pausing the VM and the pivot     | job present and ready: pause the VM, lift the bandwidth    |
+|          |                                         | limit, pivot, wait until the live chain shows base as leaf |
+|          |                                         | -> CLEANUP (the VM stays paused). Pivot error: resume,     |
+|          |                                         | -> READY and retry with backoff, or past the time budget   |
+|          |                                         | -> ABORTING. Job absent -> CLEANUP                         |
+| ABORTING | abort requested (API or pivot budget);  | resume if we paused. job present: blockJobAbort (no       |
+|          | before blockJobAbort                    | pivot). Job absent -> CLEANUP                              |
 | CLEANUP  | libvirt has no job for us any more      | VM definition re-read from the live chain; storage (needs  |
-|          |                                         | the domain VALID): chain sync (four cases), and if top has |
-|          |                                         | left the chain, base capacity, base LEAF after an active   |
-|          |                                         | merge, merged-away volumes ILLEGAL. Outcome from the       |
-|          |                                         | chain: merged -> DONE, else ABORTED or FAILED              |
-| FAILED   | terminal; kept in vmJobs with `error`   | none: stays until dismissed or a new merge on the drive    |
+|          |                                         | the domain VALID, done outside the VM lock): chain sync    |
+|          |                                         | (four cases; after a pivot it marks the old top ILLEGAL),  |
+|          |                                         | THEN resume the VM if we paused it; if top left the chain: |
+|          |                                         | base capacity, base LEAF after an active merge, merged-    |
+|          |                                         | away volumes ILLEGAL. Outcome from the chain: DONE,        |
+|          |                                         | ABORTED or FAILED; the record and the intent are removed   |
 
-DONE and ABORTED jobs leave vmJobs (after cleanup, never before) and go to
-the job history. A job leaves vmJobs only when the VM definition and the
-storage metadata both agree with the live chain.
+The pivot marker means exactly one thing. A volume at the top of a qcow2
+chain marked ILLEGAL (what Image.reconcileVolumeChain drops) means: a pivot
+completed away from it and the guest has written only to the base since.
+It is never set before a pivot: in READY an active commit copies guest
+writes to the base in the background (at the job's bandwidth), so the base
+may lag the top, and if QEMU died then, dropping the top would lose writes
+the guest saw completed. Instead the VM is paused for the pivot itself:
+  paused, pivot not done   -> top LEGAL; top-over-base holds every write;
+  paused, pivot done       -> top LEGAL or ILLEGAL: no guest write since the
+                              mirror converged, so top-over-base == base;
+  marker written           -> only then is the VM resumed; new writes go to
+                              the base, and the top is ILLEGAL.
+So whatever point QEMU (or the host) dies at, the chain that survives holds
+every acknowledged write. VM.cont is refused while a job holds the VM paused.
+
+Ownership: while a drive has a live job, only the job touches that drive's
+storage metadata (VM.synchronizeDisks skips such a drive). Every job leaves
+vmJobs once its cleanup is done, whatever its outcome (the engine waits for
+that); the outcome and reason stay in the job history and in the job's last
+notification. If the VM goes down while a job is live, the job ends FAILED
+and its storage work is handed to an image repair (storage/repairs.py) that
+survives agent restarts and runs when the domain is VALID.
+
+Storage I/O never runs under the VM's lock: a step decides under the lock,
+returns an _Outside (the storage call and its continuation), the call runs
+without the lock, and the continuation re-checks the record under the lock
+before it persists anything. The scheduler runs one work item per job at a
+time, so the job's own steps never race each other.
 """
 from __future__ import annotations
 
@@ -48,13 +75,14 @@ import logging
 import threading
 import time
 import uuid
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import libvirt
 
 from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
+from vmhost.storage.repairs import ImageRepair
 from vmhost.virt import domxml
 from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.vm import DOWN, Vm
@@ -71,8 +99,9 @@ class State(str, enum.Enum):
     PIVOT = "PIVOT"
     ABORTING = "ABORTING"
     CLEANUP = "CLEANUP"
+    # Terminal states: never persisted (the record is removed), kept in the
+    # history. FAILED records of older agents are still read (and ended).
     FAILED = "FAILED"
-    # Terminal states that are never persisted: the record is removed.
     DONE = "DONE"
     ABORTED = "ABORTED"
 
@@ -94,6 +123,8 @@ class MergeJob:
     bandwidth: int             # MiB/s, 0 = unlimited
     state: State = State.STARTING
     pivot_attempts: int = 0
+    pivot_failing_since: float = 0.0   # wall clock of the first failed pivot in a row
+    paused_for_pivot: bool = False     # the job pauses the VM for the pivot
     abort_requested: bool = False
     error: str = ""
     top_capacity: int = 0
@@ -124,7 +155,17 @@ class MergeJob:
         fields = {f.name for f in dataclasses.fields(cls)}
         job = cls(**{k: v for k, v in d.items() if k in fields})
         job.state = State(job.state)
+        for name in ("id", "domain", "image", "leaf", "base", "top"):
+            check_uuid(getattr(job, name), f"job record {name}")
+        if job.base not in job.chain or job.top not in job.chain:
+            raise ValueError(f"job record {job.id}: base/top not in its chain")
         return job
+
+    def repair(self, vm_id: str) -> ImageRepair:
+        """The storage work this job owes if its VM goes away."""
+        return ImageRepair(key=self.id, vm_id=vm_id, domain=self.domain, image=self.image,
+                           walk_from=self.leaf, base=self.base, merged=self.merged_volumes,
+                           capacity=self.top_capacity)
 
 
 def upgrade_v1(d: dict) -> dict:
@@ -144,12 +185,30 @@ def upgrade_v1(d: dict) -> dict:
             "bandwidth": int(d.get("bandwidth", 0)), "state": state}
 
 
+def job_entry(rec: dict, live: dict | None = None) -> dict:
+    """The vmJobs entry of a job record (raw, or of any version)."""
+    disk = rec.get("disk") if isinstance(rec.get("disk"), dict) else {}
+    live = live or {}
+    entry = {"id": rec.get("id"), "jobType": "block", "blockJobType": "commit",
+             "drive": rec.get("drive"), "imgUUID": rec.get("image", disk.get("imageID")),
+             "bandwidth": rec.get("bandwidth", 0), "cur": str(live.get("cur", 0)),
+             "end": str(live.get("end", 0)), "state": str(rec.get("state", "")).lower(),
+             "baseVolUUID": rec.get("base"), "topVolUUID": rec.get("top")}
+    if rec.get("error"):
+        entry["error"] = rec["error"]
+    return entry
+
+
 class DomainAdapter(Protocol):
     """The libvirt surface a merge uses (a seam for unit tests)."""
     def blockCommit(self, disk, base, top, bandwidth=0, flags=0): ...
     def blockJobInfo(self, disk, flags=0): ...
     def blockJobAbort(self, disk, flags=0): ...
+    def blockJobSetSpeed(self, disk, bandwidth, flags=0): ...
     def XMLDesc(self, flags=0): ...
+    def state(self, flags=0): ...
+    def suspend(self): ...
+    def resume(self): ...
 
 
 class MergeStorage(Protocol):
@@ -161,11 +220,37 @@ class MergeStorage(Protocol):
     def domain_valid(self, sd_uuid: str) -> bool: ...
 
 
+class Repairs(Protocol):
+    """Where a job's storage work goes when its VM does (storage/repairs.py)."""
+    def intend(self, repair: ImageRepair) -> None: ...
+    def has(self, key: str) -> bool: ...
+    def cancel(self, key: str) -> None: ...
+    def start(self, key: str, reason: str) -> bool: ...
+
+
+class NoRepairs:
+    def intend(self, repair: ImageRepair) -> None: pass
+    def has(self, key: str) -> bool: return False
+    def cancel(self, key: str) -> None: pass
+    def start(self, key: str, reason: str) -> bool: return False
+
+
 @dataclasses.dataclass
 class MergeConfig:
     poll_interval: float = 1.0      # seconds between polls of a running job
-    pivot_retries: int = 5          # failed pivots before the job is aborted
+    pivot_budget: float = 300.0     # seconds of failing pivots before the job is aborted
     pivot_timeout: float = 10.0     # seconds to wait for the live XML after a pivot
+    final_entry_ttl: float = 30.0   # seconds a finished job stays visible once shown
+
+
+@dataclasses.dataclass
+class _Outside:
+    """Storage I/O a step needs, run without the VM lock; `then` runs under
+    the lock again, after checking the job is still in state `expect`."""
+    io: Callable[[], Any]
+    then: Callable[[Vm, DomainAdapter, "MergeJob", Any], "Outcome | _Outside | None"]
+    expect: State
+    what: str
 
 
 class StorageUnavailable(Exception):
@@ -181,7 +266,8 @@ class Merger:
                  persist: Callable[[Vm], None],
                  config: MergeConfig | None = None,
                  publish: Callable[[dict], None] = lambda event: None,
-                 history: JobHistory | None = None):
+                 history: JobHistory | None = None,
+                 repairs: Repairs | None = None):
         self._storage = storage
         self._scheduler = scheduler
         self._vm_lookup = vm_lookup
@@ -189,13 +275,17 @@ class Merger:
         self._persist = persist
         self.config = config or MergeConfig()
         self._publish = publish
+        self.repairs: Repairs = repairs or NoRepairs()
         self._live: dict[str, dict] = {}            # job id -> last blockJobInfo
         self._last_event: dict[tuple[str, str], str] = {}   # (vm, drive) -> status name
         self._lock = threading.Lock()
-        # Jobs that finished before any stats call showed them: each is shown
-        # once, in its final state, so a job is always seen in the next stats.
+        # Jobs that finished before any stats call showed them are shown in
+        # their final state until a stats call saw them and final_entry_ttl
+        # passed, so a job is always seen by the next stats call, and a fast
+        # monitoring poller cannot take the engine's one look at it.
         self._unreported: set[str] = set()
-        self._finished_unseen: dict[str, dict[str, dict]] = {}
+        self._finals: dict[str, dict[str, dict]] = {}    # vm -> job -> entry
+        self._final_meta: dict[str, list[float]] = {}    # job -> [finished, first seen]
         self.history = history or JobHistory(None)
 
     # --- API ------------------------------------------------------------
@@ -210,25 +300,66 @@ class Merger:
         if not isinstance(bandwidth, int) or bandwidth < 0:
             raise errors.InvalidParameter(f"bandwidth must be a non-negative integer, got {bandwidth!r}")
         with vm.lock:
-            job = self._validate(vm, drive_spec, base, top, bandwidth, job_id)
-            dom = self._domain_of(vm)
-            # A new merge acknowledges a FAILED job left on the drive.
+            drive, chain = self._validate_live(vm, drive_spec, base, top, job_id)
+        # Storage reads outside the VM lock; the live checks are repeated below.
+        base_info = self._storage.volume_info(drive.domain, drive.image, base)
+        top_info = self._storage.volume_info(drive.domain, drive.image, top)
+        if base_info["voltype"] == "SHARED":
+            raise errors.MergeFailed(f"base {base} is a shared (template) volume")
+        with vm.lock:
+            again = self._validate_live(vm, drive_spec, base, top, job_id)
+            if again[1] != chain:
+                raise errors.MergeFailed(f"the chain of drive {drive.name} changed meanwhile")
+            job = MergeJob(id=job_id, drive=drive.name, domain=drive.domain, image=drive.image,
+                           leaf=drive.volume, base=base, top=top, chain=chain,
+                           bandwidth=bandwidth, top_capacity=int(top_info["capacity"]))
+            # A new merge acknowledges a FAILED record left by an older agent.
             for old in self._jobs(vm):
                 if old.drive == job.drive and old.state is State.FAILED:
                     self._forget(vm, old)
+            self._last_event.pop((vm.id, job.drive), None)
+            self.repairs.intend(job.repair(vm.id))        # write-ahead, in the state dir
+            failpoints.hit("merge.intent.written")
+            try:
+                self._save(vm, job, None, "merge requested")  # write-ahead: STARTING
+            except BaseException:
+                self.repairs.cancel(job.id)
+                raise
             with self._lock:
                 self._unreported.add(job.id)   # until a stats call has shown it
-            self._save(vm, job, None, "merge requested")  # write-ahead: STARTING
             try:
-                self._block_commit(dom, job)
+                self._block_commit(self._domain_of(vm), job)
             except libvirt.libvirtError as e:
-                del vm.definition.jobs[job.id]
-                self._persist(vm)
-                self._emit(vm, job, State.STARTING, State.FAILED, f"blockCommit failed: {e}")
+                self._start_failed(vm, job, f"blockCommit failed: {e}")
                 raise errors.MergeFailed(f"libvirt refused the commit: {e}") from None
-            self._transition(vm, job, State.COMMIT, "blockCommit started")
-        self._submit(vm.id, job.id)
+            # From here on the commit runs: whatever happens, the work item
+            # exists, and its STARTING step finds the libvirt job.
+            try:
+                self._transition(vm, job, State.COMMIT, "blockCommit started")
+            except Exception as e:
+                log.warning("merge job %s: cannot persist COMMIT yet (%s); the job's "
+                            "work item carries on from STARTING", job.id, e)
+            finally:
+                self._submit(vm.id, job.id)
         return job.id
+
+    def _start_failed(self, vm: Vm, job: MergeJob, reason: str) -> None:
+        """blockCommit was refused: the job leaves no trace, or, if even that
+        cannot be persisted, ends through its own work item."""
+        with self._lock:
+            self._unreported.discard(job.id)
+        rec = vm.definition.jobs.pop(job.id)
+        try:
+            self._persist(vm)
+        except Exception as e:
+            log.warning("merge job %s: cannot remove the record (%s); ending it later",
+                        job.id, e)
+            job.error, job.state = reason, State.CLEANUP
+            vm.definition.jobs[job.id] = {**rec, **job.to_record()}
+            self._submit(vm.id, job.id)
+            return
+        self.repairs.cancel(job.id)
+        self._emit(vm, job, State.STARTING, State.FAILED, reason)
 
     def abort(self, vm: Vm, job_id: str, wait: float = 30.0) -> dict:
         check_uuid(job_id, "jobUUID")
@@ -236,9 +367,9 @@ class Merger:
             job = self._job(vm, job_id)
             if job.state is State.FAILED:
                 raise errors.MergeFailed(f"job {job_id} already failed: {job.error}")
-            if job.state is State.CLEANUP:
-                raise errors.MergeFailed(f"job {job_id} has already finished in libvirt; "
-                                         "it is being cleaned up")
+            if job.state in (State.CLEANUP, State.PIVOT):
+                raise errors.MergeFailed(f"job {job_id} is {job.state.value}: it cannot be "
+                                         "aborted any more; it is being finished")
             if job.state is not State.ABORTING:
                 job.abort_requested = True
                 self._transition(vm, job, State.ABORTING, "abort requested")
@@ -247,9 +378,16 @@ class Merger:
         return {"jobUUID": job_id, "state": self.job_state(vm, job_id)}
 
     def dismiss(self, vm: Vm, job_id: str) -> None:
-        """Acknowledge a FAILED job: it leaves vmJobs (it stays in the history)."""
+        """Jobs leave vmJobs by themselves once cleaned up; this stays for
+        clients that acknowledge a failure, and for FAILED records of older
+        agents. A job already gone is a no-op."""
         check_uuid(job_id, "jobUUID")
         with vm.lock:
+            rec = vm.definition.jobs.get(job_id)
+            if rec is None:
+                with self._lock:
+                    self._drop_final(vm.id, job_id)
+                return
             job = self._job(vm, job_id)
             if job.state is not State.FAILED:
                 raise errors.MergeFailed(f"job {job_id} is {job.state.value}, not FAILED")
@@ -260,30 +398,46 @@ class Merger:
         return rec["state"].lower() if rec else "unknown"
 
     def job_stats(self, vm: Vm) -> dict:
+        now = time.monotonic()
         with self._lock:
-            out = self._finished_unseen.pop(vm.id, {})
+            for job_id in list(self._finals.get(vm.id, {})):
+                finished, seen = self._final_meta[job_id]
+                if seen and now - finished >= self.config.final_entry_ttl:
+                    self._drop_final(vm.id, job_id)     # shown, and old enough
+            out = dict(self._finals.get(vm.id, {}))
+            for job_id in out:
+                self._final_meta[job_id][1] = self._final_meta[job_id][1] or now
             records = list(vm.definition.jobs.values())
-            self._unreported.difference_update(rec["id"] for rec in records)
+            self._unreported.difference_update(rec.get("id") for rec in records)
         for rec in records:
-            live = self._live.get(rec["id"], {})
-            info = {"id": rec["id"], "jobType": "block", "blockJobType": "commit",
-                    "drive": rec["drive"], "imgUUID": rec["image"],
-                    "bandwidth": rec["bandwidth"], "cur": str(live.get("cur", 0)),
-                    "end": str(live.get("end", 0)), "state": rec["state"].lower(),
-                    "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
-            if rec.get("error"):
-                info["error"] = rec["error"]
-            out[rec["id"]] = info
+            out[rec.get("id")] = job_entry(rec, self._live.get(rec.get("id")))
         return out
 
+    def forget_vm(self, vm_id: str) -> None:
+        """The VM left this host: drop what is kept for its reports."""
+        with self._lock:
+            for job_id in self._finals.pop(vm_id, {}):
+                self._final_meta.pop(job_id, None)
+        for key in [k for k in self._last_event if k[0] == vm_id]:
+            self._last_event.pop(key, None)
+
     def busy_drives(self, vm: Vm) -> set[str]:
-        return {rec["drive"] for rec in vm.definition.jobs.values()
-                if rec["state"] != State.FAILED.value}
+        return {rec.get("drive") for rec in list(vm.definition.jobs.values())
+                if rec.get("state") != State.FAILED.value}
+
+    def paused_by_job(self, vm: Vm) -> str | None:
+        """The id of a job that holds the VM paused for its pivot, if any."""
+        for rec in list(vm.definition.jobs.values()):
+            if rec.get("paused_for_pivot"):
+                return rec.get("id")
+        return None
 
     def resume(self, vm: Vm, dom: DomainAdapter) -> None:
         """After recovery: read each live job from libvirt and carry it on."""
         for job in self._jobs(vm):
-            if job.state in LIVE_STATES:
+            if not self.repairs.has(job.id):
+                self.repairs.intend(job.repair(vm.id))   # a record from an older agent
+            if job.state in LIVE_STATES or job.state is State.FAILED:
                 info = dom.blockJobInfo(job.drive, 0)
                 if info:
                     self._live[job.id] = {"cur": info.get("cur", 0), "end": info.get("end", 0)}
@@ -291,18 +445,22 @@ class Merger:
 
     @staticmethod
     def tracked_drives(vm: Vm) -> list[str]:
-        return sorted({rec["drive"] for rec in vm.definition.jobs.values()
-                       if rec["state"] in {s.value for s in LIVE_STATES}})
+        names = {d.name for d in vm.definition.drives}
+        return sorted({rec.get("drive") for rec in vm.definition.jobs.values()
+                       if isinstance(rec, dict) and rec.get("drive") in names
+                       and rec.get("state") in {s.value for s in LIVE_STATES}})
 
     def on_block_job_event(self, vm_uuid: str, disk: str, job_type: int, status: int) -> None:
         """libvirt BLOCK_JOB_2: only a hint to poll now (runs on the event thread)."""
-        self._last_event[(vm_uuid, disk)] = _EVENT_NAMES.get(status, str(status))
+        vm = self._vm_lookup(vm_uuid)
+        if vm is not None and disk in self.busy_drives(vm):
+            self._last_event[(vm_uuid, disk)] = _EVENT_NAMES.get(status, str(status))
         self._scheduler.notify(("vm", vm_uuid))
 
     # --- validation -----------------------------------------------------
 
-    def _validate(self, vm: Vm, spec: dict, base: str, top: str, bandwidth: int,
-                  job_id: str) -> MergeJob:
+    def _validate_live(self, vm: Vm, spec: dict, base: str, top: str, job_id: str):
+        """The checks that need libvirt only; returns (drive, live chain)."""
         if vm.status == DOWN:
             raise errors.MergeFailed(f"VM {vm.id} is not running")
         drive = vm.definition.find_drive(spec["domainID"], spec["imageID"])
@@ -312,9 +470,9 @@ class Merger:
         if job_id in vm.definition.jobs or self.history.find(job_id):
             raise errors.MergeFailed(f"jobUUID {job_id} is already used")
         for rec in vm.definition.jobs.values():
-            if rec["drive"] == drive.name and rec["state"] != State.FAILED.value:
-                raise errors.MergeFailed(f"drive {drive.name} already has job {rec['id']} "
-                                         f"({rec['state']})")
+            if rec.get("drive") == drive.name and rec.get("state") != State.FAILED.value:
+                raise errors.MergeFailed(f"drive {drive.name} already has job {rec.get('id')} "
+                                         f"({rec.get('state')})")
         live = self._live_disk(self._domain_of(vm), drive.name)
         chain = [n.volume for n in live.chain]
         for name, vol in (("baseVolUUID", base), ("topVolUUID", top)):
@@ -325,16 +483,10 @@ class Merger:
             raise errors.MergeFailed(f"base {base} is not an ancestor of top {top}")
         if live.mirror is not None:
             raise errors.MergeFailed(f"drive {drive.name} has a block job not started by vmhost")
-        base_info = self._storage.volume_info(drive.domain, drive.image, base)
-        top_info = self._storage.volume_info(drive.domain, drive.image, top)
-        if base_info["voltype"] == "SHARED":
-            raise errors.MergeFailed(f"base {base} is a shared (template) volume")
         # QEMU grows a smaller base during the commit on file storage; the
         # capacity in metadata is updated in cleanup. A domain type that cannot
         # grow a volume in place would raise DestinationVolumeTooSmall here.
-        return MergeJob(id=job_id, drive=drive.name, domain=drive.domain, image=drive.image,
-                        leaf=drive.volume, base=base, top=top, chain=chain,
-                        bandwidth=bandwidth, top_capacity=int(top_info["capacity"]))
+        return drive, chain
 
     # --- the work item --------------------------------------------------
 
@@ -348,34 +500,56 @@ class Merger:
 
     def advance(self, vm_id: str, job_id: str) -> Outcome:
         """One run of the job's work item: drive the state machine as far as it goes now."""
-        vm = self._vm_lookup(vm_id)
-        if vm is None or job_id not in vm.definition.jobs:
-            self._live.pop(job_id, None)
-            return DONE
-        if vm.status == DOWN:
-            # QEMU is gone and the job with it; the record cannot be persisted
-            # any more (the domain is gone). The engine reconciles the image.
-            self._live.pop(job_id, None)
-            rec = vm.definition.jobs[job_id]
-            rec.update(state=State.FAILED.value, error="the VM went down during the merge")
-            log.warning("merge job %s: VM %s went down during the merge", job_id, vm_id)
-            return DONE
-        with vm.lock:
-            job = self._job(vm, job_id)
-            dom = self._domain_of(vm)
-            for _ in range(len(State) + 2):   # steps chain within one run
-                step = getattr(self, f"_step_{job.state.value.lower()}", None)
-                if step is None:   # FAILED: nothing to drive
+        for _ in range(2 * len(State) + 2):   # steps chain within one run
+            vm = self._vm_lookup(vm_id)
+            if vm is None:
+                return self._vm_gone(None, vm_id, job_id)
+            with vm.lock:
+                if job_id not in vm.definition.jobs:
+                    self._live.pop(job_id, None)
                     return DONE
+                if vm.status == DOWN:
+                    return self._vm_gone(vm, vm_id, job_id)
+                job = self._job(vm, job_id)
                 before = job.state
-                outcome = step(vm, dom, job)
-                if outcome is not None:
-                    return outcome
-                if job.state is before:
-                    return Wait(self.config.poll_interval)
-            return Wait(self.config.poll_interval)
+                step = getattr(self, f"_step_{job.state.value.lower()}", None)
+                if step is None:   # FAILED (an older agent's record): end it
+                    self._finish(vm, job, State.FAILED, job.error or "failed")
+                    return DONE
+                outcome = step(vm, self._domain_of(vm), job)
+            while isinstance(outcome, _Outside):
+                outcome = self._run_outside(vm_id, job_id, outcome)
+            if outcome is not None:
+                return outcome
+            if self._state_of(vm, job_id) is before:
+                return Wait(self.config.poll_interval)
+        return Wait(self.config.poll_interval)
 
-    # Each step returns None to go on with the (new) state at once, or an outcome.
+    def _state_of(self, vm: Vm, job_id: str) -> State | None:
+        rec = vm.definition.jobs.get(job_id)
+        return State(rec["state"]) if rec else None
+
+    def _run_outside(self, vm_id: str, job_id: str, work: _Outside) -> Outcome | _Outside | None:
+        try:
+            result = work.io()
+        except Exception as e:
+            log.warning("merge job %s: %s failed: %s", job_id, work.what, e)
+            return Retry(f"{work.what} failed: {e}")
+        vm = self._vm_lookup(vm_id)
+        if vm is None:
+            return self._vm_gone(None, vm_id, job_id)
+        with vm.lock:
+            if vm.status == DOWN:
+                return self._vm_gone(vm, vm_id, job_id)
+            if job_id not in vm.definition.jobs:
+                return DONE
+            job = self._job(vm, job_id)
+            if job.state is not work.expect:
+                return None    # changed meanwhile (an abort): decide again
+            return work.then(vm, self._domain_of(vm), job, result)
+
+    # Each step returns None to go on with the (new) state at once, an
+    # _Outside for storage work, or an outcome.
 
     def _step_starting(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
         info = dom.blockJobInfo(job.drive, 0)
@@ -408,21 +582,15 @@ class Merger:
         return Wait(self.config.poll_interval)
 
     def _step_ready(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
+        # Right after the pivot the old top must be marked ILLEGAL before the
+        # VM runs again: do not pause a VM for a pivot whose marker cannot be
+        # written now.
         blocked = self._require_domain(job)
         if blocked:
             return blocked
-        chain = self._live_chain(dom, job)
-        # The crash-safety marker: volumes that a pivot may leave behind must
-        # never be started again (the chain as it will be after the pivot,
-        # storage case 1). No marker, no pivot.
-        failpoints.hit("merge.mark_illegal.before")
-        try:
-            self._storage.sync_volume_chain(job.domain, job.image, job.leaf,
-                                            chain[:chain.index(job.base) + 1])
-        except Exception as e:
-            return Retry(f"cannot mark leaf {job.leaf} ILLEGAL before pivot: {e}")
-        failpoints.hit("merge.mark_illegal.after")
-        self._transition(vm, job, State.PIVOT, f"volumes above base {job.base} marked ILLEGAL")
+        job.paused_for_pivot = _is_running(dom)
+        self._transition(vm, job, State.PIVOT, "pausing the VM for the pivot"
+                         if job.paused_for_pivot else "pivot (the VM is already paused)")
         return None
 
     def _step_pivot(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
@@ -430,10 +598,18 @@ class Merger:
         if not info:
             self._transition(vm, job, State.CLEANUP, "libvirt job ended")
             return None
+        if job.paused_for_pivot and _is_running(dom):
+            dom.suspend()
+            failpoints.hit("merge.pivot.paused")
         mirror = self._live_disk(dom, job.drive).mirror
         if mirror is None or not mirror.ready:
-            # READY can blip; wait for it to come back before pivoting.
+            # READY can blip; with the guest paused the mirror converges at once.
             return Wait(self.config.poll_interval)
+        if job.bandwidth:
+            try:   # the guest waits: drain what is left at full speed
+                dom.blockJobSetSpeed(job.drive, 0, 0)
+            except libvirt.libvirtError as e:
+                log.info("merge job %s: cannot lift the bandwidth limit: %s", job.id, e)
         failpoints.hit("merge.pivot.before")
         try:
             dom.blockJobAbort(job.drive, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
@@ -442,24 +618,34 @@ class Merger:
         failpoints.hit("merge.pivot.after")
         if not self._wait_for_pivot(dom, job):
             return Wait(self.config.poll_interval)  # checked again: job absent -> chain decides
+        job.pivot_attempts, job.pivot_failing_since = 0, 0.0
         self._transition(vm, job, State.CLEANUP, "pivot done")
         return None
 
     def _pivot_failed(self, vm: Vm, dom: DomainAdapter, job: MergeJob, err: str) -> Outcome:
         job.pivot_attempts += 1
+        now = time.time()
+        job.pivot_failing_since = job.pivot_failing_since or now
         log.warning("merge job %s: pivot attempt %d failed: %s", job.id, job.pivot_attempts, err)
-        try:
-            self._storage.sync_volume_chain(job.domain, job.image, job.leaf,
-                                            self._live_chain(dom, job))
-        except Exception as e:
-            # The leaf stays ILLEGAL for now; cleanup makes it LEGAL in the end.
-            log.warning("merge job %s: cannot mark leaf LEGAL again yet: %s", job.id, e)
-        if job.pivot_attempts >= self.config.pivot_retries:
-            job.error = f"pivot failed {job.pivot_attempts} times: {err}"
+        # The marker was never written (it follows the pivot): nothing to undo
+        # in storage. The VM runs again before the record says READY; a crash
+        # in between finds PIVOT and pauses it again.
+        self._unpause(dom, job)
+        failpoints.hit("merge.pivot_failed.resumed")
+        if now - job.pivot_failing_since >= self.config.pivot_budget:
+            job.error = (f"pivot failed {job.pivot_attempts} times in "
+                         f"{now - job.pivot_failing_since:.0f}s: {err}")
             self._transition(vm, job, State.ABORTING, job.error)
             return Retry(job.error)
         self._transition(vm, job, State.READY, f"pivot failed: {err}")
         return Retry(f"pivot failed: {err}")
+
+    def _unpause(self, dom: DomainAdapter, job: MergeJob) -> None:
+        """Resume the VM if this job paused it (the record is persisted by the caller)."""
+        if job.paused_for_pivot:
+            if not _is_running(dom):
+                dom.resume()
+            job.paused_for_pivot = False
 
     def _wait_for_pivot(self, dom: DomainAdapter, job: MergeJob) -> bool:
         """libvirt may return from the pivot before the XML shows it (BZ 1202719)."""
@@ -471,6 +657,9 @@ class Merger:
         return False
 
     def _step_aborting(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
+        if job.paused_for_pivot and job.top in self._live_chain(dom, job):
+            self._unpause(dom, job)   # no pivot happened: the VM may run on the top
+            self._save(vm, job, job.state, "VM resumed")
         if dom.blockJobInfo(job.drive, 0):
             try:
                 dom.blockJobAbort(job.drive, 0)
@@ -482,36 +671,55 @@ class Merger:
         self._transition(vm, job, State.CLEANUP, "libvirt job cancelled")
         return None
 
-    def _step_cleanup(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | None:
+    def _step_cleanup(self, vm: Vm, dom: DomainAdapter, job: MergeJob) -> Outcome | _Outside:
         live = self._live_disk(dom, job.drive)
         chain = [n.volume for n in live.chain]
         # The VM's view first: it needs libvirt only.
         if vm.apply_live_chain({job.drive: live}, [job.drive]):
             self._persist(vm)
         failpoints.hit("merge.cleanup.vm_synced")
+        if job.paused_for_pivot and job.top in chain:
+            # Paused for a pivot that did not happen: no marker to write.
+            self._unpause(dom, job)
+            self._save(vm, job, job.state, "VM resumed, no pivot happened")
         blocked = self._require_domain(job)
         if blocked:
             return blocked
-        merged = job.top not in chain
-        try:
+
+        def sync() -> None:
             failpoints.hit("merge.cleanup.storage_sync.before")
             self._storage.sync_volume_chain(job.domain, job.image, job.leaf, chain)
             failpoints.hit("merge.cleanup.storage_sync.after")
-            if merged:
-                failpoints.hit("merge.cleanup.finish_merge.before")
-                self._storage.finish_merge(job.domain, job.image, job.base,
-                                           [v for v in job.merged_volumes if v not in chain],
-                                           job.top_capacity, base_is_leaf=job.active)
-                failpoints.hit("merge.cleanup.finish_merge.after")
-        except Exception as e:
-            return Retry(f"storage cleanup of image {job.image} failed: {e}")
+        return _Outside(sync, lambda v, d, j, _: self._cleanup_synced(v, d, j, chain),
+                        State.CLEANUP, f"storage chain sync of image {job.image}")
+
+    def _cleanup_synced(self, vm: Vm, dom: DomainAdapter, job: MergeJob,
+                        chain: list[str]) -> Outcome | _Outside:
+        if job.paused_for_pivot:
+            # The old top is marked ILLEGAL now: the guest may write to the base.
+            self._unpause(dom, job)
+            failpoints.hit("merge.cleanup.resumed")
+            self._save(vm, job, job.state, "pivot marker written; VM resumed")
+        if job.top in chain:
+            return self._cleanup_done(vm, job, merged=False)
+        gone = [v for v in job.merged_volumes if v not in chain]
+
+        def finish() -> None:
+            failpoints.hit("merge.cleanup.finish_merge.before")
+            self._storage.finish_merge(job.domain, job.image, job.base, gone,
+                                       job.top_capacity, base_is_leaf=job.active)
+            failpoints.hit("merge.cleanup.finish_merge.after")
+        return _Outside(finish, lambda v, d, j, _: self._cleanup_done(v, j, merged=True),
+                        State.CLEANUP, f"merge finish of image {job.image}")
+
+    def _cleanup_done(self, vm: Vm, job: MergeJob, merged: bool) -> Outcome:
         if merged:
             self._finish(vm, job, State.DONE, "merged")
         elif job.abort_requested and not job.error:
             self._finish(vm, job, State.ABORTED, "aborted, chain unchanged")
         else:
             job.error = job.error or self._ended_reason(vm, job)
-            self._transition(vm, job, State.FAILED, job.error)
+            self._finish(vm, job, State.FAILED, job.error)
         return DONE
 
     def _ended_reason(self, vm: Vm, job: MergeJob) -> str:
@@ -521,6 +729,42 @@ class Merger:
         if status == "CANCELED":
             return "the block job was cancelled outside vmhost; chain unchanged"
         return "the block job ended without merging (cancelled or failed); chain unchanged"
+
+    # --- the VM went away -------------------------------------------------
+
+    def vm_gone(self, vm: Vm) -> None:
+        """The VM is down or destroyed (caller holds its lock): end its jobs."""
+        for job_id in [j for j in vm.definition.jobs if j not in vm.bad_jobs]:
+            self._vm_gone(vm, vm.id, job_id)
+        self.forget_vm(vm.id)
+
+    def _vm_gone(self, vm: Vm | None, vm_id: str, job_id: str) -> Outcome:
+        """QEMU is gone and the job with it. Its storage work becomes an image
+        repair (persisted in the state dir) and the job ends FAILED."""
+        reason = "the VM went down during the merge; storage repair queued"
+        self._live.pop(job_id, None)
+        if vm is None:
+            # Destroyed and forgotten: the intent written at the start knows the job.
+            if not self.repairs.start(job_id, reason):
+                log.warning("merge job %s of VM %s: VM gone, no repair intent", job_id, vm_id)
+            return DONE
+        rec = vm.definition.jobs.get(job_id)
+        if rec is None:
+            return DONE
+        try:
+            job = MergeJob.from_record(rec)
+        except (ValueError, TypeError, KeyError, errors.VmhostError) as e:
+            log.error("merge job %s of VM %s: unreadable record, dropped: %s", job_id, vm_id, e)
+            vm.definition.jobs.pop(job_id, None)
+            return DONE
+        if not self.repairs.has(job.id):
+            self.repairs.intend(job.repair(vm.id))
+        self.repairs.start(job.id, reason)
+        failpoints.hit("merge.down.repair_queued")
+        job.error = job.error or reason
+        log.warning("merge job %s: VM %s went down during the merge", job_id, vm_id)
+        self._finish(vm, job, State.FAILED, job.error, persist=False, keep_intent=True)
+        return DONE
 
     # --- helpers --------------------------------------------------------
 
@@ -552,7 +796,9 @@ class Merger:
         return [n.volume for n in self._live_disk(dom, job.drive).chain]
 
     def _jobs(self, vm: Vm) -> list[MergeJob]:
-        return [MergeJob.from_record(r) for r in vm.definition.jobs.values()]
+        """The readable job records (unreadable ones are reported at recovery)."""
+        return [MergeJob.from_record(r) for k, r in list(vm.definition.jobs.items())
+                if k not in vm.bad_jobs]
 
     def _job(self, vm: Vm, job_id: str) -> MergeJob:
         rec = vm.definition.jobs.get(job_id)
@@ -574,42 +820,60 @@ class Merger:
             else:
                 vm.definition.jobs[job.id] = previous
             raise
-        self._emit(vm, job, old, job.state, reason)
+        if old is not job.state:
+            self._emit(vm, job, old, job.state, reason)
 
     def _transition(self, vm: Vm, job: MergeJob, new: State, reason: str) -> None:
         old, job.state = job.state, new
         self._save(vm, job, old, reason)
 
-    def _finish(self, vm: Vm, job: MergeJob, final: State, reason: str) -> None:
+    def _finish(self, vm: Vm, job: MergeJob, final: State, reason: str, persist: bool = True,
+                keep_intent: bool = False) -> None:
+        """The job leaves vmJobs, whatever its outcome; the history and its
+        last notification keep the outcome."""
         old, job.state = job.state, final
         # The outcome is in the history before the job leaves vmJobs, so an
         # engine polling both never finds it in neither.
         self._record_history(vm, job)
+        entry = job_entry(job.to_record(), {"cur": 0, "end": 0})
         with self._lock:  # against job_stats: the job is always in one of the two places
             rec = vm.definition.jobs.pop(job.id)
-            if job.id in self._unreported:
+            shown_final = job.id in self._unreported
+            if shown_final:
                 self._unreported.discard(job.id)
-                self._finished_unseen.setdefault(vm.id, {})[job.id] = {
-                    "id": job.id, "jobType": "block", "blockJobType": "commit",
-                    "drive": job.drive, "imgUUID": job.image, "bandwidth": job.bandwidth,
-                    "cur": "0", "end": "0", "state": final.value.lower(),
-                    "baseVolUUID": rec["base"], "topVolUUID": rec["top"]}
+                self._finals.setdefault(vm.id, {})[job.id] = entry
+                self._final_meta[job.id] = [time.monotonic(), 0.0]
         failpoints.hit("merge.finish.before")
-        try:
-            self._persist(vm)
-        except BaseException:
-            with self._lock:
-                vm.definition.jobs[job.id] = rec
-                self._finished_unseen.get(vm.id, {}).pop(job.id, None)
-            raise
+        if persist:
+            try:
+                self._persist(vm)
+            except BaseException:
+                with self._lock:
+                    vm.definition.jobs[job.id] = rec
+                    self._drop_final(vm.id, job.id)
+                    if shown_final:
+                        self._unreported.add(job.id)
+                raise
         failpoints.hit("merge.finish.after")
+        if not keep_intent:
+            self.repairs.cancel(job.id)
+        self._last_event.pop((vm.id, job.drive), None)
         self._emit(vm, job, old, final, reason)
         self._live.pop(job.id, None)
+
+    def _drop_final(self, vm_id: str, job_id: str) -> None:
+        """(under self._lock)"""
+        finals = self._finals.get(vm_id, {})
+        finals.pop(job_id, None)
+        if not finals:
+            self._finals.pop(vm_id, None)
+        self._final_meta.pop(job_id, None)
 
     def _forget(self, vm: Vm, job: MergeJob) -> None:
         self._record_history(vm, job)
         vm.definition.jobs.pop(job.id, None)
         self._persist(vm)
+        self.repairs.cancel(job.id)
         self._live.pop(job.id, None)
 
     def _record_history(self, vm: Vm, job: MergeJob) -> None:
@@ -631,6 +895,11 @@ class Merger:
                        "error": job.error or None, "kind": "active" if job.active else "internal",
                        "started": job.started, "bytes": self._live.get(job.id, {}).get("end", 0),
                        "pivotAttempts": job.pivot_attempts})
+
+
+def _is_running(dom: DomainAdapter) -> bool:
+    state = dom.state(0)[0]
+    return state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
 
 
 _EVENT_NAMES = {

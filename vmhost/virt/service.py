@@ -12,14 +12,14 @@ from typing import Callable, Protocol
 
 import libvirt
 
-from vmhost import errors
+from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.refs import PreparedImage
-from vmhost.scheduler import Scheduler
+from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
-from vmhost.virt.merge import MergeConfig, Merger
+from vmhost.virt.merge import MergeConfig, Merger, Repairs
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
 from vmhost.virt.vmdef import RESUME_BEHAVIORS, DefinitionError, Drive, VmDefinition
@@ -38,7 +38,7 @@ class VmService:
     def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
                  virt_type: str, scheduler: Scheduler, merge_config: MergeConfig | None = None,
                  publish: Callable[[dict], None] = lambda event: None, host_id: str = "",
-                 history: JobHistory | None = None):
+                 history: JobHistory | None = None, repairs: Repairs | None = None):
         self._conn = conn
         self.host_id = host_id
         self._storage = storage
@@ -49,10 +49,15 @@ class VmService:
         self.merger = Merger(storage, scheduler, self.get,
                              domain_of=lambda vm: vm.domain(self._conn()),
                              persist=lambda vm: vm.persist(self._conn()),
-                             config=merge_config, publish=publish, history=history)
+                             config=merge_config, publish=publish, history=history,
+                             repairs=repairs)
         self.disksync = DiskSynchronizer(storage, scheduler, self.get,
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
-                                         persist=lambda vm: vm.persist(self._conn()))
+                                         persist=lambda vm: vm.persist(self._conn()),
+                                         busy=self.merger.busy_drives)
+        self._scheduler = scheduler
+        # VMs whose recorded definition could not be loaded: reported, never adopted.
+        self.unrecoverable: dict[str, str] = {}
 
     # --- lookup -----------------------------------------------------------
 
@@ -71,8 +76,21 @@ class VmService:
             return list(self._vms.values())
 
     def volume_in_use(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> bool:
-        return any(vm.status != DOWN and vm.uses_volume(sd_uuid, img_uuid, vol_uuid)
-                   for vm in self.vms())
+        """Whether a VM of this host may be using the volume. A drive whose
+        chain is not known to be current (a snapshot whose libvirt call failed
+        half-way) counts as using every volume of its image."""
+        for vm in self.vms():
+            if vm.status == DOWN:
+                continue
+            if vm.uses_volume(sd_uuid, img_uuid, vol_uuid):
+                return True
+            stale = vm.stale_drives
+            if stale and any(d.name in stale and d.domain == sd_uuid and d.image == img_uuid
+                             for d in vm.definition.drives):
+                raise errors.VolumeIsBusy(
+                    f"the chain of VM {vm.id}'s drive on image {img_uuid} is not known to be "
+                    "current (a snapshot failed half-way); try again once it is re-read")
+        return False
 
     # --- life cycle -------------------------------------------------------
 
@@ -88,8 +106,9 @@ class VmService:
             vm.jobs_known = True
             self._vms[vm_id] = vm
         try:
+            # Storage first, outside the VM lock (a hung domain fails by its deadline).
+            self._prepare_drives(definition, vm_params["devices"], allow_illegal)
             with vm.lock:
-                self._prepare_drives(definition, vm_params["devices"], allow_illegal)
                 self._start(vm)
         except BaseException:
             with self._lock:
@@ -147,6 +166,7 @@ class VmService:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                     raise errors.GeneralError(f"destroy of VM {vm_id} failed: {e}") from None
             vm.status = DOWN
+            self.merger.vm_gone(vm)
             with self._lock:
                 self._vms.pop(vm_id, None)
         log.info("VM %s destroyed", vm_id)
@@ -162,6 +182,11 @@ class VmService:
         with vm.lock:
             if vm.status == DOWN:
                 raise errors.GeneralError(f"VM {vm_id} is down")
+            holder = self.merger.paused_by_job(vm) if status == UP else None
+            if holder:
+                # Resuming before the pivot marker is written could lose writes.
+                raise errors.GeneralError(f"VM {vm_id} is paused for the pivot of merge job "
+                                          f"{holder}; it resumes by itself when the pivot is done")
             dom = vm.domain(self._conn())
             try:
                 # Ask libvirt, not the cache: pause and cont are idempotent.
@@ -266,14 +291,14 @@ class VmService:
     def snapshot(self, vm_id: str, snap_drives: list[dict]) -> dict:
         vm = self._vm(vm_id)
         with vm.lock:
-            if vm.status == DOWN:
-                raise errors.SnapshotFailed(f"VM {vm_id} is down")
-            targets = self._snapshot_targets(vm, snap_drives)
-            names = [t.drive for t in targets]
-            busy = self.merger.busy_drives(vm) & set(names)
-            if busy:
-                raise errors.SnapshotFailed(f"drive(s) {', '.join(sorted(busy))} have a merge "
-                                            "in progress")
+            drives = self._snapshot_drives(vm, snap_drives)
+        # Storage outside the VM lock; what it decided on is checked again below.
+        targets = [self._snapshot_target(vm, drive, sd) for drive, sd in drives]
+        names = [t.drive for t in targets]
+        with vm.lock:
+            again = self._snapshot_drives(vm, snap_drives)
+            if [d.volume_ids() for d, _ in again] != [d.volume_ids() for d, _ in drives]:
+                raise errors.SnapshotFailed(f"the chains of VM {vm_id} changed meanwhile")
             others = [d.name for d in vm.definition.drives if d.name not in names]
             conn = self._conn()
             dom = vm.domain(conn)
@@ -281,21 +306,53 @@ class VmService:
             # re-reads these drives from the live XML.
             vm.definition.pending_sync = names
             vm.persist(conn)
+            failpoints.hit("vm.snapshot.before")
             try:
                 dom.snapshotCreateXML(snapshot_xml(targets, others), SNAPSHOT_FLAGS)
+                failpoints.hit("vm.snapshot.after")
             except libvirt.libvirtError as e:
                 log.error("snapshot of VM %s failed: %s", vm_id, e)
                 raise errors.SnapshotFailed(str(e)) from None
             finally:
-                live = domxml.live_disks(dom.XMLDesc(0))
-                vm.apply_live_chain(live, names)
-                vm.definition.pending_sync = []
-                vm.persist(conn)
+                # QEMU may have switched even if the call failed: the chain is
+                # re-read on a live connection, or marked unknown until it is.
+                self._resync_drives(vm, names)
         log.info("VM %s: snapshot of %s", vm_id, ", ".join(names))
         return {"quiesce": False}
 
-    def _snapshot_targets(self, vm: Vm, snap_drives: list[dict]) -> list[SnapshotTarget]:
-        targets, seen = [], set()
+    def _resync_drives(self, vm: Vm, names: list[str]) -> bool:
+        """Re-read the named drives from the live XML and persist (VM lock
+        held). On failure they stay stale (volume_in_use refuses their
+        image) and a scheduled item retries."""
+        try:
+            conn = self._conn()
+            live = domxml.live_disks(vm.domain(conn).XMLDesc(0))
+            vm.apply_live_chain(live, names)
+            vm.definition.pending_sync = []
+            vm.persist(conn)
+        except libvirt.libvirtError as e:
+            log.warning("VM %s: cannot re-read drives %s: %s", vm.id, ", ".join(names), e)
+            vm.stale_drives.update(names)
+            self._scheduler.submit(f"resync/{vm.id}", f"re-read the chains of VM {vm.id}",
+                                   lambda: self._resync_item(vm.id), topics=(("vm", vm.id),))
+            return False
+        vm.stale_drives.difference_update(names)
+        return True
+
+    def _resync_item(self, vm_id: str):
+        vm = self.get(vm_id)
+        if vm is None or vm.status == DOWN:
+            return DONE
+        with vm.lock:
+            if not vm.stale_drives or self._resync_drives(vm, sorted(vm.stale_drives)):
+                return DONE
+        return Retry(f"cannot re-read the chains of VM {vm_id} from libvirt yet")
+
+    def _snapshot_drives(self, vm: Vm, snap_drives: list[dict]) -> list[tuple[Drive, dict]]:
+        """The libvirt-side checks of a snapshot request (VM lock held)."""
+        if vm.status == DOWN:
+            raise errors.SnapshotFailed(f"VM {vm.id} is down")
+        drives, seen = [], set()
         for i, sd in enumerate(snap_drives):
             for key in ("domainID", "imageID", "baseVolumeID", "volumeID"):
                 check_uuid(sd.get(key), f"snapDrives[{i}].{key}")
@@ -306,16 +363,26 @@ class VmService:
             if drive.name in seen:
                 raise errors.SnapshotFailed(f"snapDrives lists image {sd['imageID']} twice")
             seen.add(drive.name)
+            if drive.name in vm.stale_drives:
+                raise errors.SnapshotFailed(f"the chain of drive {drive.name} is not known to be "
+                                            "current yet")
             if sd["baseVolumeID"] != drive.volume:
                 raise errors.SnapshotFailed(
                     f"baseVolumeID {sd['baseVolumeID']} is not the leaf of drive {drive.name} "
                     f"({drive.volume})")
-            prepared = self._storage.prepare_image(sd["domainID"], sd["imageID"], sd["volumeID"])
-            if [v.volume for v in prepared.chain[:-1]] != drive.volume_ids():
-                raise errors.SnapshotFailed(
-                    f"volume {sd['volumeID']} is not a child of {drive.volume}")
-            targets.append(SnapshotTarget(drive.name, prepared.chain[-1].path, prepared.format))
-        return targets
+            drives.append((drive, sd))
+        busy = self.merger.busy_drives(vm) & seen
+        if busy:
+            raise errors.SnapshotFailed(f"drive(s) {', '.join(sorted(busy))} have a merge "
+                                        "in progress")
+        return drives
+
+    def _snapshot_target(self, vm: Vm, drive: Drive, sd: dict) -> SnapshotTarget:
+        prepared = self._storage.prepare_image(sd["domainID"], sd["imageID"], sd["volumeID"])
+        if [v.volume for v in prepared.chain[:-1]] != drive.volume_ids():
+            raise errors.SnapshotFailed(
+                f"volume {sd['volumeID']} is not a child of {drive.volume}")
+        return SnapshotTarget(drive.name, prepared.chain[-1].path, prepared.format)
 
     # --- recovery -----------------------------------------------------------
 
@@ -329,19 +396,45 @@ class VmService:
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # went away while we listed
-                raise
+                if e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR,
+                                          libvirt.VIR_ERR_INTERNAL_ERROR,
+                                          libvirt.VIR_ERR_NO_CONNECT,
+                                          libvirt.VIR_ERR_INVALID_CONN):
+                    raise   # libvirtd itself: recovery is retried as a whole
+                self._unrecoverable(dom, f"libvirt: {e}")
+                continue
+            except Exception as e:   # one VM never stops the recovery of the others
+                log.exception("domain %s: recovery failed", _uuid_of(dom))
+                self._unrecoverable(dom, f"{type(e).__name__}: {e}")
+                continue
             if vm is not None:
                 found[vm.id] = (vm, dom)
         with self._lock:
             self._vms.update({vm_id: vm for vm_id, (vm, _) in found.items()})
         # Registered first: a resumed job's work item looks its VM up.
         for vm, dom in found.values():
-            if vm.definition.jobs:
-                self.merger.resume(vm, dom)
-            self.disksync.resume(vm)
+            try:
+                if vm.definition.jobs:
+                    self.merger.resume(vm, dom)
+                self.disksync.resume(vm)
+            except Exception as e:
+                log.exception("VM %s: cannot resume its jobs", vm.id)
+                vm.recovery_error = f"cannot resume its jobs: {type(e).__name__}: {e}"
+                self._publish({"event": "vm_recovery_error", "vmId": vm.id,
+                               "error": vm.recovery_error})
             vm.jobs_known = True
         log.info("recovered %d VM(s)", len(found))
         return len(found)
+
+    def owned_jobs(self) -> set[str]:
+        """Ids of the job records that recovered VMs carry (their jobs own their images)."""
+        return {job_id for vm in self.vms() for job_id in vm.definition.jobs}
+
+    def _unrecoverable(self, dom: libvirt.virDomain, reason: str) -> None:
+        uuid = _uuid_of(dom)
+        self.unrecoverable[uuid] = reason
+        log.error("domain %s: cannot be recovered, left alone: %s", uuid, reason)
+        self._publish({"event": "vm_recovery_error", "vmId": uuid, "error": reason})
 
     def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> Vm | None:
         xml = dom.XMLDesc(0)
@@ -351,8 +444,9 @@ class VmService:
         try:
             definition = VmDefinition.from_json(payload)
         except DefinitionError as e:
-            log.error("domain %s: cannot recover: %s", dom.UUIDString(), e)
-            return None
+            if _foreign(payload, self.host_id):
+                return None
+            raise DefinitionError(f"its vmhost metadata is unreadable: {e}") from None
         if definition.host_id and definition.host_id != self.host_id:
             # Another agent instance runs it (one agent per libvirtd is the
             # rule; this keeps two from driving the same VM's jobs).
@@ -360,6 +454,16 @@ class VmService:
                         dom.UUIDString(), definition.host_id, self.host_id)
             return None
         vm = Vm(definition, *status_from_state(*dom.state()))
+        bad = _bad_job_records(definition.jobs)
+        if bad:
+            # Reported on the VM and kept as they are (a newer agent may read
+            # them): the VM is adopted, so the engine can still see and stop it;
+            # their drives stay busy for new merges.
+            vm.bad_jobs.update(bad)
+            vm.recovery_error = "; ".join(f"job {k}: {v}" for k, v in bad.items())
+            log.error("VM %s: unreadable job record(s): %s", vm.id, vm.recovery_error)
+            self._publish({"event": "vm_recovery_error", "vmId": vm.id,
+                           "error": vm.recovery_error})
         # Only drives with a tracked change are asked about: a snapshot that
         # was switching leaves, or a block job.
         stale = sorted(set(definition.pending_sync) | set(Merger.tracked_drives(vm)))
@@ -428,3 +532,32 @@ _STOP_REASONS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU failed",
 }
 
+
+def _uuid_of(dom: libvirt.virDomain) -> str:
+    try:
+        return dom.UUIDString()
+    except libvirt.libvirtError:
+        return "?"
+
+
+def _foreign(payload: str, host_id: str) -> bool:
+    """A definition we cannot parse but that names another agent is not ours."""
+    import json
+    try:
+        owner = json.loads(payload).get("hostId")
+    except (ValueError, AttributeError):
+        return False
+    return bool(owner) and owner != host_id
+
+
+def _bad_job_records(jobs: dict) -> dict[str, str]:
+    from vmhost.virt.merge import MergeJob
+    bad = {}
+    for job_id, rec in jobs.items():
+        try:
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+            MergeJob.from_record(dict(rec))
+        except (ValueError, TypeError, KeyError, errors.VmhostError) as e:
+            bad[job_id] = f"{type(e).__name__}: {e}"
+    return bad

@@ -37,6 +37,11 @@ class Vm:
         self.jobs_known = False
         # Device aliases ("virtio-disk0") that reported an I/O error since the last resume.
         self.eio_aliases: set[str] = set()
+        # Drives whose chain may differ from the live XML (a re-read failed).
+        self.stale_drives: set[str] = set()
+        # Set when recovery could not load part of what libvirt keeps for it.
+        self.recovery_error = ""
+        self.bad_jobs: dict[str, str] = {}   # job id -> why its record is unreadable
         # Serialises changes to this VM (definition, libvirt operations).
         self.lock = threading.RLock()
 
@@ -79,6 +84,8 @@ class Vm:
                  "pauseCode": self.pause_code, "memSize": d.mem_mib}
         if self.status == DOWN and self.exit_message:
             stats["exitMessage"] = self.exit_message
+        if self.recovery_error:
+            stats["recoveryError"] = self.recovery_error
         return stats
 
     def full_info(self) -> dict:
