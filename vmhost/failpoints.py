@@ -32,6 +32,8 @@ POINTS: tuple[str, ...] = (
     "merge.cleanup.finish_merge.before", "merge.cleanup.finish_merge.after",
     "merge.finish.before", "merge.finish.after",
     "storage.metadata.temp_written",
+    # Volume.delete: files removed, the parent's voltype not yet recomputed.
+    "storage.delete.files_removed",
 )
 
 
