@@ -3,13 +3,16 @@ merge, snapshot, active merge, snapshot, merge, snapshot again, with no
 merged volume deleted in between (the engine may delete them late or never).
 After each step the four views of the chain agree, the storage metadata
 tells the chain (parents, legality, voltype) and the merged-away volumes
-apart, and the guest reads every write back (issue 10, finding 1)."""
+apart, and the guest reads every write back (issue 10, finding 1).
+And Volume.delete killed half-way converges (finding 8)."""
 from __future__ import annotations
 
 import os
 import uuid
 
-from conftest import Guest
+from conftest import Guest, start_agent, wait_for
+from vmhost.client import TransportError
+from vmhost.failpoints import ENV
 from vmhost.storage import qemu_img
 
 MiB = 1 << 20
@@ -98,3 +101,30 @@ def test_snapshot_and_merge_cycles_without_deleting_merged_volumes(env, workdir)
     # Offline, from the files alone: every layer's writes read back.
     env.call("VM.destroy", vmID=f.vm)
     assert qemu_img.compare(f.guest.reference, os.path.join(env.image_dir(f.img), s5))
+
+
+def test_finding8_delete_killed_after_files_removed_converges(env, workdir):
+    """The engine made a snapshot volume, VM.snapshot failed, and its undo
+    (Volume.delete) kills the agent between removing the files and fixing
+    the parent's voltype. After a restart the next snapshot works and the
+    engine's retry of the delete succeeds."""
+    f = Flow(env, workdir)
+    f.write_layer()
+    f.snapshot()                                # base <- s1
+    s1 = f.chain[-1]
+    undone = env.create_volume(f.img, parent=s1)
+    env.agent.kill9()
+    env.agent = start_agent(env.agent.state_dir, env={ENV: "storage.delete.files_removed"})
+    proc = env.agent.proc
+    try:
+        env.call("Volume.delete", storagedomainID=env.sd, imageID=f.img, volumeID=undone)
+    except TransportError:
+        pass
+    wait_for(lambda: proc.poll() is not None, 30, "the agent to die at the failpoint")
+    env.agent = start_agent(env.agent.state_dir)
+    assert not os.path.exists(os.path.join(env.image_dir(f.img), undone))
+    assert env.metadata(f.img, s1).voltype.value == "INTERNAL"   # what the crash left
+    f.snapshot()                                # base <- s1 <- s2: not refused
+    assert env.call("Volume.delete", storagedomainID=env.sd, imageID=f.img,
+                    volumeID=undone) is True
+    f.check()

@@ -318,6 +318,46 @@ def test_finding1_merged_volumes_are_nobodys_children(storage):
         storage.delete_volume(storage.sd, img, b)
 
 
+def test_finding1_volume_being_created_still_counts_as_a_child(storage, monkeypatch):
+    """A volume is ILLEGAL until complete: a creation cut short (its metadata
+    written, no data yet) is no merged-away volume; deleting it frees the parent."""
+    img, (base,) = make_chain(storage, 1)
+    dom, half = storage.domain(storage.sd), U()
+
+    class PowerCut(BaseException):
+        pass
+
+    def cut(*a, **kw):
+        raise PowerCut()
+    monkeypatch.setattr(dom, "allocate", cut)
+    with pytest.raises(PowerCut):
+        storage.create_volume(storage.sd, img, half, 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+    monkeypatch.undo()
+    assert _md(storage, img, half).legality is Legality.ILLEGAL
+    assert not _md(storage, img, half).merged_away
+    with pytest.raises(errors.InvalidParameter, match="already has a child"):
+        storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+    with pytest.raises(errors.VolumeImageHasChildren):
+        storage.delete_volume(storage.sd, img, base)
+    storage.delete_volume(storage.sd, img, half)
+    assert _md(storage, img, base).voltype is VolType.LEAF
+    storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+
+
+def test_merged_marker_round_trip_and_only_when_set():
+    md = VolumeMetadata(domain=U(), image=U(), volume=U(), parent=U(), format=VolFormat.COW,
+                        voltype=VolType.LEAF, legality=Legality.ILLEGAL, capacity=MiB)
+    assert b"MERGED" not in md.dump() and not md.merged_away
+    merged = md.replace(merged_into=U())
+    assert VolumeMetadata.parse(merged.dump()) == merged and merged.merged_away
+    assert not merged.replace(legality=Legality.LEGAL).merged_away
+    with pytest.raises(MetadataError, match="MERGED"):
+        VolumeMetadata.parse(merged.dump().replace(merged.merged_into.encode(), b"x"))
+
+
 def _crash_at(monkeypatch, point):
     """A failpoint that raises (in-process) instead of killing the agent."""
     from vmhost import failpoints
