@@ -34,6 +34,8 @@ MERGE_POINTS: tuple[str, ...] = (
     "merge.cleanup.finish_merge.before", "merge.cleanup.finish_merge.after",
     "merge.finish.before", "merge.finish.after",
     "storage.metadata.temp_written",
+    # Volume.delete: files removed, the parent's voltype not yet recomputed.
+    "storage.delete.files_removed",
 )
 # Edges that need their own scenario: a failed pivot, the VM going down
 # mid-merge (its storage work becomes an image repair), a snapshot.

@@ -241,3 +241,183 @@ def test_size_bounds_and_overlay_preallocation_are_refused_clearly(storage):
         storage.create_volume(storage.sd, img, U(), MiB, "COW", preallocate="PREALLOCATED",
                               src_img_uuid=img, src_vol_uuid=base)
     assert storage.list_volumes(storage.sd, img) == [base]
+
+
+# --- issue 10: live merge at its edges ---------------------------------------
+
+def _md(storage, img, vol):
+    return storage.domain(storage.sd).read_metadata(img, vol)
+
+
+def _active_merge(storage, img, base, top):
+    """What the merge flow does to storage for an active merge of `top` into
+    `base`: mark the leaf before the pivot (sync case 1), then after it."""
+    assert storage.sync_volume_chain(storage.sd, img, top, [base]) == "leaf-missing"
+    storage.finish_merge(storage.sd, img, base, [top], capacity=16 * MiB, base_is_leaf=True)
+
+
+def test_finding1_snapshot_after_active_merge_not_refused(storage):
+    """Regression (issue 10, finding 1): after an active merge the merged-away
+    leaf still names the new leaf as its parent; a snapshot on the new leaf
+    was refused ("not a leaf: it already has a child")."""
+    img, (base, top) = make_chain(storage, 2)
+    _active_merge(storage, img, base, top)
+    new = U()
+    storage.create_volume(storage.sd, img, new, 16 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+    assert [md.volume for md in storage.volume_chain(storage.sd, img, new)] == [base, new]
+    assert (_md(storage, img, base).voltype, _md(storage, img, new).voltype) == \
+        (VolType.INTERNAL, VolType.LEAF)
+    # The engine deletes the merged volume later: the new chain keeps its voltypes.
+    storage.delete_volume(storage.sd, img, top)
+    assert _md(storage, img, base).voltype is VolType.INTERNAL
+    assert sorted(storage.list_volumes(storage.sd, img)) == sorted([base, new])
+    # And once more: snapshot, merge, snapshot without deleting in between.
+    _active_merge(storage, img, base, new)
+    again = U()
+    storage.create_volume(storage.sd, img, again, 16 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+    assert storage.list_volumes(storage.sd, img) == sorted([base, new, again])
+
+
+def test_finding1_illegal_leaf_in_a_pivot_window_is_not_garbage(storage):
+    """The marker of sync case 1 (leaf ILLEGAL, pivot not proven) is not a
+    merged-away volume: it still is the base's child and may hold the newest data."""
+    img, (base, top) = make_chain(storage, 2)
+    assert storage.sync_volume_chain(storage.sd, img, top, [base]) == "leaf-missing"
+    assert _md(storage, img, top).legality is Legality.ILLEGAL
+    with pytest.raises(errors.InvalidParameter, match="already has a child"):
+        storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+    with pytest.raises(errors.VolumeImageHasChildren):
+        storage.delete_volume(storage.sd, img, base)
+    storage.volume_in_use = lambda sd, i, v: v == top
+    with pytest.raises(errors.VolumeIsBusy):
+        storage.delete_volume(storage.sd, img, top)
+    # The pivot failed: sync case 3 makes it LEGAL, and it is the leaf as before.
+    assert storage.sync_volume_chain(storage.sd, img, top, [base, top]) == "illegal-restored"
+    assert _md(storage, img, base).voltype is VolType.INTERNAL
+    assert _md(storage, img, top).legality is Legality.LEGAL
+
+
+def test_finding1_merged_volumes_are_nobodys_children(storage):
+    """After an internal merge of s1 and s2 into the base, the merged-away
+    volumes are removable in any order, and removing them never changes the
+    voltype of a live volume."""
+    img, vols = make_chain(storage, 4)
+    b, s1, s2, leaf = vols
+    assert storage.sync_volume_chain(storage.sd, img, leaf, [b, leaf]) == "internal-missing"
+    storage.finish_merge(storage.sd, img, b, [s1, s2], capacity=16 * MiB, base_is_leaf=False)
+    storage.delete_volume(storage.sd, img, s1)     # s2 still names s1: not a child
+    assert _md(storage, img, b).voltype is VolType.INTERNAL
+    storage.delete_volume(storage.sd, img, s2)     # its parent is gone already
+    assert storage.list_volumes(storage.sd, img) == sorted([b, leaf])
+    assert [md.voltype for md in storage.volume_chain(storage.sd, img, leaf)] == \
+        [VolType.INTERNAL, VolType.LEAF]
+    with pytest.raises(errors.VolumeImageHasChildren):
+        storage.delete_volume(storage.sd, img, b)
+
+
+def test_finding1_volume_being_created_still_counts_as_a_child(storage, monkeypatch):
+    """A volume is ILLEGAL until complete: a creation cut short (its metadata
+    written, no data yet) is no merged-away volume; deleting it frees the parent."""
+    img, (base,) = make_chain(storage, 1)
+    dom, half = storage.domain(storage.sd), U()
+
+    class PowerCut(BaseException):
+        pass
+
+    def cut(*a, **kw):
+        raise PowerCut()
+    monkeypatch.setattr(dom, "allocate", cut)
+    with pytest.raises(PowerCut):
+        storage.create_volume(storage.sd, img, half, 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+    monkeypatch.undo()
+    assert _md(storage, img, half).legality is Legality.ILLEGAL
+    assert not _md(storage, img, half).merged_away
+    with pytest.raises(errors.InvalidParameter, match="already has a child"):
+        storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                              src_vol_uuid=base)
+    with pytest.raises(errors.VolumeImageHasChildren):
+        storage.delete_volume(storage.sd, img, base)
+    storage.delete_volume(storage.sd, img, half)
+    assert _md(storage, img, base).voltype is VolType.LEAF
+    storage.create_volume(storage.sd, img, U(), 16 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+
+
+def test_merged_marker_round_trip_and_only_when_set():
+    md = VolumeMetadata(domain=U(), image=U(), volume=U(), parent=U(), format=VolFormat.COW,
+                        voltype=VolType.LEAF, legality=Legality.ILLEGAL, capacity=MiB)
+    assert b"MERGED" not in md.dump() and not md.merged_away
+    merged = md.replace(merged_into=U())
+    assert VolumeMetadata.parse(merged.dump()) == merged and merged.merged_away
+    assert not merged.replace(legality=Legality.LEGAL).merged_away
+    with pytest.raises(MetadataError, match="MERGED"):
+        VolumeMetadata.parse(merged.dump().replace(merged.merged_into.encode(), b"x"))
+
+
+def _crash_at(monkeypatch, point):
+    """A failpoint that raises (in-process) instead of killing the agent."""
+    from vmhost import failpoints
+
+    class Crash(Exception):
+        pass
+
+    def hit(name):
+        if name == point:
+            raise Crash(name)
+    monkeypatch.setattr(failpoints, "hit", hit)
+    return Crash
+
+
+def test_finding8_delete_crash_after_files_removed_converges(storage, monkeypatch):
+    """Regression (issue 10, finding 8): a crash between removing a volume's
+    files and recomputing its parent's voltype left the parent INTERNAL with
+    no child, and every later snapshot on the disk was refused."""
+    from vmhost import failpoints
+    assert "storage.delete.files_removed" in failpoints.POINTS
+    img, (base, top) = make_chain(storage, 2)
+    crash = _crash_at(monkeypatch, "storage.delete.files_removed")
+    with pytest.raises(crash):
+        storage.delete_volume(storage.sd, img, top)
+    monkeypatch.undo()
+    assert storage.list_volumes(storage.sd, img) == [base]
+    assert _md(storage, img, base).voltype is VolType.INTERNAL    # what the crash left
+    # The next snapshot works: an INTERNAL volume without children is a leaf.
+    new = U()
+    storage.create_volume(storage.sd, img, new, 16 * MiB, "COW", src_img_uuid=img,
+                          src_vol_uuid=base)
+    assert _md(storage, img, base).voltype is VolType.INTERNAL
+    # The engine retries the delete it got no answer for: success.
+    storage.delete_volume(storage.sd, img, top)
+    assert storage.list_volumes(storage.sd, img) == sorted([base, new])
+    storage.delete_volume(storage.sd, img, new)
+    assert _md(storage, img, base).voltype is VolType.LEAF
+
+
+def test_finding8_delete_retry_repairs_the_parent(storage, monkeypatch):
+    img, (base, top) = make_chain(storage, 2)
+    crash = _crash_at(monkeypatch, "storage.delete.files_removed")
+    with pytest.raises(crash):
+        storage.delete_volume(storage.sd, img, top)
+    monkeypatch.undo()
+    storage.delete_volume(storage.sd, img, top)
+    assert _md(storage, img, base).voltype is VolType.LEAF
+
+
+def test_finding8_delete_is_idempotent(storage):
+    """Deleting a volume that is already gone (or half gone) succeeds."""
+    img, (base, mid, top) = make_chain(storage, 3)
+    storage.delete_volume(storage.sd, img, top)
+    storage.delete_volume(storage.sd, img, top)
+    # Half removed (data gone, metadata left): the retry finishes the job.
+    os.unlink(storage.domain(storage.sd).volume_path(img, mid))
+    storage.delete_volume(storage.sd, img, mid)
+    storage.delete_volume(storage.sd, img, mid)
+    assert storage.list_volumes(storage.sd, img) == [base]
+    assert _md(storage, img, base).voltype is VolType.LEAF
+    before = _md(storage, img, base)
+    storage.delete_volume(storage.sd, img, U())      # never existed: nothing to do
+    assert storage.list_volumes(storage.sd, img) == [base] and _md(storage, img, base) == before

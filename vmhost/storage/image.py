@@ -1,13 +1,35 @@
 """Chain logic of one image, written once for every domain type.
 
 The storage view of a chain is the parent pointers in volume metadata; the
-leaf is the volume no other volume names as its parent.
+leaf is the volume no other live volume names as its parent.
+
+Merged-away volumes. When a merge finished (the chain QEMU runs proves it),
+finish_merge marks each volume merged into the base ILLEGAL *and* writes the
+base's UUID into its MERGED key. Such a volume (`VolumeMetadata.merged_away`)
+is in no chain: the engine deletes it later or never, so it never counts as
+anyone's child (a snapshot on the base, the voltype of its parent, deleting
+its parent) and deleting it changes no live volume. The rule is exact
+because only finish_merge writes MERGED; every other ILLEGAL volume is still
+a child of its parent:
+- a volume being created (ILLEGAL until complete): it may become the leaf;
+- the leaf marked by sync_chain case 1 while a pivot is not yet proven: it
+  may hold the newest guest data (and it is in use, so deleting it is refused);
+- a leaf left ILLEGAL by an aborted or failed merge, until a sync repairs it.
+Making a volume LEGAL again clears its MERGED key.
+
+Voltypes are derived: a volume with a child is INTERNAL, one without is a
+LEAF (SHARED stays SHARED). A crash may leave a voltype stale (Volume.delete
+dies between removing the files and fixing the parent); nothing trusts it:
+a snapshot asks whether the parent has a child, and every delete (also of a
+volume already gone) recomputes the voltypes of the image, so a retry
+converges.
 """
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
-from vmhost import errors
+from vmhost import errors, failpoints
 from vmhost.ids import BLANK_UUID
 from vmhost.storage.domain import StorageDomain
 from vmhost.storage.metadata import (Legality, Prealloc, VolFormat, VolType,
@@ -28,7 +50,9 @@ class Image:
         return [self.volume(v) for v in self.domain.volumes(self.uuid)]
 
     def children(self, vol: str) -> list[str]:
-        return [md.volume for md in self.all_volumes() if md.parent == vol]
+        """Volumes naming `vol` as parent, merged-away ones excepted."""
+        return [md.volume for md in self.all_volumes()
+                if md.parent == vol and not md.merged_away]
 
     def chain(self, leaf: str) -> list[VolumeMetadata]:
         """Volumes from base to leaf following metadata parent pointers."""
@@ -82,9 +106,12 @@ class Image:
             raise errors.InvalidParameter("volFormat must be COW for a volume with a parent")
         if parent.legality is not Legality.LEGAL:
             raise errors.InvalidParameter(f"parent volume {parent_vol} is ILLEGAL")
-        if parent.voltype is VolType.INTERNAL or self.children(parent_vol):
-            raise errors.InvalidParameter(
-                f"parent volume {parent_vol} is not a leaf: it already has a child")
+        # Its children decide, not its voltype: an INTERNAL volume without a
+        # child is a leaf whose voltype a crashed delete did not fix yet.
+        kids = self.children(parent_vol)
+        if kids:
+            raise errors.InvalidParameter(f"parent volume {parent_vol} is not a leaf: "
+                                          f"it already has a child ({', '.join(kids)})")
         if size < parent.capacity:
             raise errors.InvalidParameter(
                 f"size {size} is smaller than the parent's capacity {parent.capacity}")
@@ -95,18 +122,31 @@ class Image:
         if kids:
             raise errors.VolumeImageHasChildren(f"volume {vol} is the parent of {', '.join(kids)}")
 
-    def delete_volume(self, vol: str) -> None:
-        md = self.volume(vol)
-        self.check_no_children(vol)
-        self.domain.remove(self.uuid, vol)
-        if md.parent != BLANK_UUID and self.domain.has_volume(self.uuid, md.parent):
-            self._recheck_leaf(md.parent)
+    def delete_volume(self, vol: str, in_use: Callable[[str], bool] = lambda vol: False) -> None:
+        """Idempotent: a volume already gone (a retry after a crash) is no
+        error, and the voltypes a crash left stale are fixed either way.
+        Refuses a volume with a child (204), then one `in_use` (203)."""
+        if self.domain.has_volume(self.uuid, vol):
+            self.check_no_children(vol)
+            if in_use(vol):
+                raise errors.VolumeIsBusy(f"volume {vol} is used by a running VM")
+            self.domain.remove(self.uuid, vol)
+            failpoints.hit("storage.delete.files_removed")
+        else:
+            log.info("image %s: volume %s is already gone", self.uuid, vol)
+        self._recompute_voltypes()
 
-    def _recheck_leaf(self, vol: str) -> None:
-        md = self.volume(vol)
-        want = VolType.INTERNAL if self.children(vol) else VolType.LEAF
-        if md.voltype is not VolType.SHARED and md.voltype is not want:
-            self.domain.write_metadata(md.replace(voltype=want, generation=md.generation + 1))
+    def _recompute_voltypes(self) -> None:
+        volumes = self.all_volumes()
+        parents = {md.parent for md in volumes if not md.merged_away}
+        for md in volumes:
+            if md.merged_away or md.voltype is VolType.SHARED:
+                continue    # garbage of no chain; a template stays one
+            want = VolType.INTERNAL if md.volume in parents else VolType.LEAF
+            if md.voltype is not want:
+                log.info("image %s: volume %s becomes %s", self.uuid, md.volume, want.value)
+                self.domain.write_metadata(md.replace(voltype=want,
+                                                      generation=md.generation + 1))
 
     # --- chain repair -------------------------------------------------------
 
@@ -152,7 +192,8 @@ class Image:
     def finish_merge(self, base: str, merged: list[str], capacity: int, base_is_leaf: bool) -> None:
         """After a merge the chain proves done: the base holds the data (and
         the capacity) of what was merged into it; merged-away volumes become
-        ILLEGAL so Volume.delete can remove them. Idempotent."""
+        ILLEGAL and MERGED into the base (see the module docstring), so
+        Volume.delete can remove them and they are nobody's child. Idempotent."""
         md = self.volume(base)
         want = md.replace(capacity=max(md.capacity, capacity),
                           voltype=VolType.LEAF if base_is_leaf else md.voltype)
@@ -162,9 +203,13 @@ class Image:
             self.domain.write_metadata(want.replace(generation=md.generation + 1))
         for vol in merged:
             if self.domain.has_volume(self.uuid, vol):
-                self._set_legality(self.volume(vol), Legality.ILLEGAL)
+                self._set_legality(self.volume(vol), Legality.ILLEGAL, merged_into=base)
 
-    def _set_legality(self, md: VolumeMetadata, legality: Legality) -> None:
-        if md.legality is not legality:
-            self.domain.write_metadata(md.replace(legality=legality,
+    def _set_legality(self, md: VolumeMetadata, legality: Legality,
+                      merged_into: str = "") -> None:
+        """ILLEGAL keeps a MERGED key unless given one; LEGAL clears it."""
+        if legality is Legality.ILLEGAL:
+            merged_into = merged_into or md.merged_into
+        if (md.legality, md.merged_into) != (legality, merged_into):
+            self.domain.write_metadata(md.replace(legality=legality, merged_into=merged_into,
                                                   generation=md.generation + 1))

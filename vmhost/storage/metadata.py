@@ -59,10 +59,18 @@ class VolumeMetadata:
     description: str = ""
     generation: int = 0
     ctime: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    # The base a finished merge copied this volume into (see
+    # vmhost.storage.image): written with ILLEGAL, cleared with LEGAL.
+    merged_into: str = ""
 
     @property
     def is_base(self) -> bool:
         return self.parent == BLANK_UUID
+
+    @property
+    def merged_away(self) -> bool:
+        """Merged into a base by a merge that finished: garbage of no chain."""
+        return self.legality is Legality.ILLEGAL and bool(self.merged_into)
 
     def replace(self, **changes) -> "VolumeMetadata":
         return dataclasses.replace(self, **changes)
@@ -83,6 +91,8 @@ class VolumeMetadata:
             "VOLTYPE": self.voltype.value,
             "VOLUME": self.volume,
         }
+        if self.merged_into:     # only then: other volumes' files stay VDSM's keys
+            fields["MERGED"] = self.merged_into
         text = "".join(f"{k}={v}\n" for k, v in sorted(fields.items())) + "EOF\n"
         return text.encode("utf-8")
 
@@ -115,6 +125,7 @@ class VolumeMetadata:
                 description=kv.get("DESCRIPTION", ""),
                 generation=int(kv.get("GEN", "0")),
                 ctime=int(kv.get("CTIME", "0")),
+                merged_into=check_uuid(kv["MERGED"], "MERGED") if kv.get("MERGED") else "",
             )
         except KeyError as e:
             raise MetadataError(f"metadata lacks key {e.args[0]}") from None

@@ -189,15 +189,13 @@ class StorageService:
         return self._volume_dict(image, image.volume(check_uuid(vol_uuid, "volumeID")))
 
     def delete_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> None:
+        """Idempotent: a volume already gone succeeds (the engine retries a
+        delete it got no answer for), see Image.delete_volume."""
         image = self._image(sd_uuid, img_uuid)
         check_uuid(vol_uuid, "volumeID")
         with self._image_lock(sd_uuid, img_uuid):
-            # Structural reasons first: unknown (13), has children (204), in use (203).
-            image.volume(vol_uuid)
-            image.check_no_children(vol_uuid)
-            if self.volume_in_use(sd_uuid, img_uuid, vol_uuid):
-                raise errors.VolumeIsBusy(f"volume {vol_uuid} is used by a running VM")
-            image.delete_volume(vol_uuid)
+            image.delete_volume(vol_uuid,
+                                lambda vol: self.volume_in_use(sd_uuid, img_uuid, vol))
 
     def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
         return self._image(sd_uuid, img_uuid).chain(check_uuid(leaf_uuid, "volumeID"))
