@@ -34,8 +34,6 @@ MERGE_POINTS: tuple[str, ...] = (
     "merge.cleanup.finish_merge.before", "merge.cleanup.finish_merge.after",
     "merge.finish.before", "merge.finish.after",
     "storage.metadata.temp_written",
-    # Volume.delete: files removed, the parent's voltype not yet recomputed.
-    "storage.delete.files_removed",
 )
 # Edges that need their own scenario: a failed pivot, the VM going down
 # mid-merge (its storage work becomes an image repair), a snapshot.
@@ -43,6 +41,7 @@ EDGE_POINTS: tuple[str, ...] = (
     "merge.pivot_failed.resumed",
     "merge.down.repair_queued", "repair.queued", "repair.done.before_forget",
     "vm.snapshot.before", "vm.snapshot.after",
+    "storage.delete.files_removed",
 )
 POINTS: tuple[str, ...] = MERGE_POINTS + EDGE_POINTS
 

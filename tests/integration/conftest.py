@@ -145,6 +145,11 @@ class Env:
     def wait_job_gone(self, vm: str, job: str, timeout: float = 60.0) -> None:
         wait_for(lambda: job not in self.vm_jobs(vm), timeout, f"job {job} to leave vmJobs")
 
+    def job_outcome(self, vm: str, job: str, timeout: float = 60.0) -> dict:
+        """Every job leaves vmJobs once cleaned up; its outcome is in the history."""
+        self.wait_job_gone(vm, job, timeout)
+        return next(e for e in self.call("Host.getJobHistory") if e["id"] == job)
+
 
 class Guest:
     """Guest writes through QEMU's monitor, replayed offline into a reference
@@ -251,7 +256,8 @@ def small_domain(workdir: str, size: str, libvirtd) -> "Env":
 
 
 def start_agent(state_dir: str, **kw) -> AgentProcess:
-    agent = AgentProcess(state_dir, extra_args=["--monitor-interval", "0.5"], **kw)
+    agent = AgentProcess(state_dir, extra_args=["--monitor-interval", "0.5", "--final-job-ttl", "0"],
+                         **kw)
     agent.start().wait_ready()
     return agent
 

@@ -4,7 +4,7 @@ agent dies (SIGKILL) exactly there, is restarted, and must converge:
   (b) the guest data equals a reference image built offline;
   (c) no volume is lost or leaked: every volume file is in the chain or ILLEGAL,
       every volume has its metadata and nothing else is left in the image;
-  (d) no job is stuck: vmJobs is {} or shows a FAILED job with a reason;
+  (d) no job is stuck: it leaves vmJobs; a FAILED outcome in the history has a reason;
   (e) the VM still runs and a new merge on the same drive succeeds.
 With VMHOST_FAULTS_REPORT=<file> each row is appended there (make faults)."""
 from __future__ import annotations
