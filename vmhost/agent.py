@@ -1,8 +1,10 @@
 """Composition root: builds every part, wires the events, owns start-up order.
 
-Start-up order (VDSM's lesson): the API listens at once and answers code 99
-until VM recovery is done; storage starts on its own (monitors run in their
-own threads and never hold anything up); VM recovery reads libvirt only.
+Start-up order (VDSM's lesson): the agent identity first (vmhost.identity: a
+lost one refuses to start rather than ignore its running VMs); then the API
+listens at once and answers code 99 until VM recovery is done; storage starts
+on its own (monitors run in their own threads and never hold anything up); VM
+recovery reads libvirt only.
 """
 from __future__ import annotations
 
@@ -12,17 +14,15 @@ import ssl
 import threading
 import time
 import types
-import uuid
 
 import libvirt
 
+from vmhost import identity
 from vmhost.api.bridge import build_table
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
 from vmhost.config import Config
-from vmhost.fsutil import atomic_write
-from vmhost.ids import is_uuid
 from vmhost.events import EventBus
 from vmhost.metrics import Metrics
 from vmhost.scheduler import DONE, Scheduler
@@ -39,23 +39,26 @@ log = logging.getLogger(__name__)
 LIBVIRT_RETRY_MAX = 5.0  # seconds between attempts to reach libvirtd at start-up
 
 
-def load_host_id(state_dir: str) -> str:
-    """This agent's identity, made once and kept in the state dir."""
-    path = os.path.join(state_dir, "host-id")
-    try:
-        with open(path) as f:
-            host_id = f.read().strip()
-        if is_uuid(host_id):
-            return host_id
-    except FileNotFoundError:
-        pass
-    host_id = str(uuid.uuid4())
-    atomic_write(path, host_id.encode() + b"\n")
-    return host_id
+def load_agent_id(config: Config, known_domains: set[str], adopt: str | None = None) -> str:
+    """This agent's identity (see vmhost.identity); raises IdentityError when
+    it must not start. Waits for libvirtd only when it has to be asked (the
+    identity file is missing or being adopted): nothing is written before."""
+    delay = 0.1
+    while True:
+        try:
+            return identity.resolve(config.state_dir,
+                                    lambda: identity.list_agent_vms(config.libvirt_uri),
+                                    known_domains, adopt)
+        except libvirt.libvirtError as e:
+            log.warning("agent identity: libvirt not available to check for running VMs (%s); "
+                        "retrying in %.1fs", e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, LIBVIRT_RETRY_MAX)
 
 
 class Agent:
-    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None):
+    def __init__(self, config: Config, ssl_context: ssl.SSLContext | None = None,
+                 adopt_identity: str | None = None):
         self.config = config
         os.makedirs(config.state_dir, mode=0o755, exist_ok=True)
         self.events = EventBus()
@@ -64,6 +67,8 @@ class Agent:
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
             monitor_timeout=config.monitor_timeout)
+        # Before anything uses it; needs the registry: which domains are ours.
+        self.agent_id = load_agent_id(config, set(self.storage.repo_stats()), adopt_identity)
         self.repairs = ImageRepairs(config.state_dir, self.storage, self.scheduler,
                                     publish=self.events.publish)
         self.vms = VmService(
@@ -72,7 +77,7 @@ class Agent:
                                      pivot_budget=config.pivot_budget,
                                      pivot_timeout=config.pivot_timeout,
                                      final_entry_ttl=config.final_job_ttl),
-            publish=self.events.publish, host_id=load_host_id(config.state_dir),
+            publish=self.events.publish, host_id=self.agent_id,
             history=JobHistory(os.path.join(config.state_dir, "job-history.json"),
                                config.job_history_size, config.job_history_ttl),
             repairs=self.repairs)

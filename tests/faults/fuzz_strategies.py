@@ -91,7 +91,19 @@ BAD_UUIDS = [
     "$(reboot)", "`id`", "'; DROP TABLE vms; --", "<xml/>", "]]>", "${jndi:ldap://x}",
     "\ud800", "\udfff", "\U0001f600", "\u202e", "null", "None", "true", "0", "-1",
 ]
-SPECIAL_STRINGS = BAD_UUIDS + [
+# Everything some line-oriented reader splits on (str.splitlines: \n \r \x0b
+# \x0c \x1c-\x1e \x85 \u2028 \u2029), and free text that tries to set a volume
+# metadata key through desc or diskType (they must round-trip or be refused).
+LINE_SEPARATORS = ["\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85",
+                   "\u2028", "\u2029"]
+METADATA_PAYLOADS = [
+    *(f"x{sep}CAP=1" for sep in LINE_SEPARATORS),
+    *(f"{sep}LEGALITY=ILLEGAL{sep}PUUID={BLANK_UUID}{sep}EOF{sep}" for sep in LINE_SEPARATORS),
+    "VOLTYPE=INTERNAL", "DESCRIPTION=", "CAP=1", "%", "%0A", "%25", "%E2%80%A8", "%zz",
+    "\x00=\x00", "\u2028" * 210, "\x85" * 32,
+]
+METADATA_TEXT_FIELDS = ("desc", "diskType")
+SPECIAL_STRINGS = BAD_UUIDS + LINE_SEPARATORS + METADATA_PAYLOADS + [
     "\x00", "a\x00b", "\n", "\r\n", "\t", "\x7f", "\x1b[31m", "=", "KEY=value\nEOF\n",
     "PUUID=00000000-0000-0000-0000-000000000000", "EOF", "\ufeff", "\u0000\u0000",
     "\U0010ffff", "\uffff", "\ufffe", "e\u0301", "\u0130", "\u00df",
@@ -293,6 +305,17 @@ class Fuzz:
         return st.one_of(options)
 
     @_memo
+    def metadata_text(self, min_size: int = 0, max_size: int = 40) -> st.SearchStrategy[str]:
+        """Free text aimed at the volume metadata file: separators, '=',
+        '%' and key payloads, alone or mixed with ordinary text."""
+        pieces = st.one_of(st.sampled_from(LINE_SEPARATORS + ["=", "%", "\x00", "CAP=1", "EOF"]),
+                           st.text(max_size=6))
+        payloads = [p for p in METADATA_PAYLOADS if min_size <= len(p) <= max_size]
+        mixed = st.lists(pieces, max_size=8).map("".join).filter(
+            lambda s: min_size <= len(s) <= max_size)
+        return st.one_of(st.sampled_from(payloads), mixed) if payloads else mixed
+
+    @_memo
     def huge_string(self) -> st.SearchStrategy[str]:
         return st.builds(lambda n, c: c * n, st.integers(300, 300_000),
                          st.sampled_from(["x", "/", ".", "\u00e9", "\U0001f600", "\x00", "a/../"]))
@@ -440,6 +463,8 @@ class Fuzz:
             return st.none()
         if kind == "string":
             lo, hi = node.get("minLength", 0), node.get("maxLength", 40)
+            if name in METADATA_TEXT_FIELDS:
+                return st.one_of(self.metadata_text(lo, hi), self.text(lo, hi))
             if "pattern" in node:
                 return st.from_regex(node["pattern"], fullmatch=True).filter(
                     lambda s: lo <= len(s) <= hi and matches(node, s))
@@ -617,6 +642,14 @@ class Fuzz:
         mode = draw(st.integers(0, 3))
         flag = draw(st.booleans())
         size = draw(st.sampled_from([64 * MiB, 64 * MiB, "67108864", GiB, MiB]))
+
+        if verb == "Volume.create":   # often hostile free text (see METADATA_PAYLOADS)
+            text = draw(st.tuples(st.integers(0, 3), self.metadata_text(0, 210),
+                                  self.metadata_text(1, 32)))
+            if text[0] & 1:
+                p["desc"] = text[1]
+            if text[0] == 3:
+                p["diskType"] = text[2]
 
         def pick(seq, k):
             return seq[r[k] % len(seq)] if seq else None

@@ -15,7 +15,10 @@ For every request:
   * the agent process is still alive, and it answered within 30 s;
   * if every request in it was refused, nothing on disk changed: the storage
     tree (names, sizes, mtimes, modes, owners; every 200 requests also every
-    byte) and the agent's domains.json.
+    byte) and the agent's domains.json;
+  * a Volume.create that succeeded gives its desc and diskType back exactly
+    in Volume.getInfo, and every volume of that image still reads (hostile
+    free text must round-trip and never break the image's metadata).
 Every 500 requests Host.ping must answer within 10 s.
 
 Size: VMHOST_FUZZ_REQUESTS requests (`make faults` runs 10000); 1500 when it
@@ -127,6 +130,7 @@ class RequestObject:
     answer: Answer | None = None
     outcome: str = "none"          # result | error | none (notification)
     result: Any = None
+    params: Any = None
 
 
 @dataclasses.dataclass
@@ -159,7 +163,7 @@ def _expect_object(item: Any) -> RequestObject:
     notification = "id" not in item
     rid = item.get("id")
     params = item.get("params", {})
-    obj = RequestObject(method, False, notification)
+    obj = RequestObject(method, False, notification, params=params)
     bad_envelope = item.get("jsonrpc") != "2.0" or not isinstance(method, str)
     if bad_envelope or not isinstance(params, dict):
         # An invalid request is answered even without an id (then id null).
@@ -554,7 +558,8 @@ class Runner:
         root, _, rest = rel.partition("/")
         try:
             with open(os.path.join(self.roots[root], rest), "rb") as f:
-                for line in f.read(65536).decode("utf-8", "replace").splitlines():
+                # The writer's separator only, as the agent reads it.
+                for line in f.read(65536).decode("utf-8", "replace").split("\n"):
                     if line.startswith("PUUID="):
                         return line[len("PUUID="):]
         except OSError:
@@ -779,6 +784,7 @@ class Runner:
                 self.stats["merges_started"] += 1
             elif o.method == "Volume.create":
                 self.stats["volumes_created"] += 1
+                self.check_volume_text(o)
             elif o.method == "StorageDomain.create":
                 self.stats["domains_created"] += 1
             elif o.method == "VM.snapshot":
@@ -789,6 +795,29 @@ class Runner:
                 self.settle()
             self.sync_vms()
             self.cap_vms()
+
+    def check_volume_text(self, o: RequestObject) -> None:
+        """desc and diskType read back as sent; the image's other volumes still read."""
+        p = o.params
+        sd, img, vol = p["storagedomainID"], p["imageID"], p["volumeID"]
+        if (sd, img, vol) not in self.world.triples:
+            return   # a later call of the same batch removed it
+        self.stats["metadata_round_trips_checked"] += 1
+        wanted = {"description": p.get("desc", ""), "disktype": p.get("diskType", "DATA")}
+        problems = []
+        for other in sorted(v for s_, i, v in self.world.triples if (s_, i) == (sd, img)):
+            ok, info = self.call("Volume.getInfo", storagedomainID=sd, imageID=img, volumeID=other)
+            if not ok:
+                problems.append(f"Volume.getInfo {other}: {json.dumps(info)[:200]}")
+            elif other == vol:
+                got = {k: info.get(k) for k in wanted}
+                if got != wanted:
+                    problems.append(f"sent {wanted!r}, read back {got!r}")
+        if problems:
+            self.stats["metadata_mismatches"] += 1
+            body = json.dumps({"method": "Volume.create", "params": p}).encode()
+            self.finding("metadata-mismatch", fs.FuzzRequest("maintenance", body), body, None,
+                         problems)
 
     def liveness(self, req: fs.FuzzRequest, body: bytes) -> None:
         self.stats["liveness_checks"] += 1
@@ -842,6 +871,8 @@ class Runner:
             "internal_errors": s["internal_errors"],
             "liveness_checks": s["liveness_checks"], "liveness_failures": s["liveness_failures"],
             "did_not_settle": s["did_not_settle"],
+            "metadata_round_trips_checked": s["metadata_round_trips_checked"],
+            "metadata_mismatches": s["metadata_mismatches"],
             "rejected_requests_checked_on_disk": s["rejected"],
             "full_content_checks": s["full_content_checks"],
             "dir_mtime_only_touches": s["dir_mtime_only_touches"],
@@ -923,6 +954,8 @@ def markdown(report: dict) -> str:
             ("protocol violations", report["protocol_violations"]),
             ("internal errors (well-formed, see agent log)", report["internal_errors"]),
             ("liveness checks (failed)", f"{report['liveness_checks']} ({report['liveness_failures']})"),
+            ("metadata round-trips checked (mismatches)",
+             f"{report['metadata_round_trips_checked']} ({report['metadata_mismatches']})"),
             ("results / errors / 204 / HTTP refusals",
              " / ".join(str(report["responses"][k]) for k in ("results", "errors", "no_content", "http_refusals"))),
             ("errors by code", ", ".join(f"{k}: {v}" for k, v in report["errors_by_code"].items())),
@@ -1022,3 +1055,4 @@ def test_api_fuzz(libvirtd, workdir, capsys):
     assert report["disk_changes_by_rejected"] == 0, summary
     assert report["protocol_violations"] == 0, summary
     assert report["liveness_failures"] == 0, summary
+    assert report["metadata_mismatches"] == 0, summary

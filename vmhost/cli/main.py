@@ -14,6 +14,9 @@ from vmhost import config as configmod
 def _serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the agent")
     _config_flags(p)
+    p.add_argument("--adopt-identity", metavar="AGENT_ID",
+                   help="take over this agent id (a UUID) when the state dir's host-id file "
+                        "is lost or damaged and running VMs carry it (see README)")
     return p
 
 
@@ -90,14 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(config.to_toml(), end="")
         return 0
-    return serve_forever(config, ssl_context)
+    return serve_forever(config, ssl_context, adopt_identity=args.adopt_identity)
 
 
-def serve_forever(config: configmod.Config, ssl_context=None) -> int:
+EXIT_IDENTITY = 3   # refused to start: the agent identity is lost or damaged
+
+
+def serve_forever(config: configmod.Config, ssl_context=None,
+                  adopt_identity: str | None = None) -> int:
     from vmhost.agent import Agent
+    from vmhost.identity import IdentityError
     from vmhost.logs import setup_logging
     setup_logging(config.log_level, config.log_format)
-    agent = Agent(config, ssl_context=ssl_context)
+    try:
+        agent = Agent(config, ssl_context=ssl_context, adopt_identity=adopt_identity)
+    except IdentityError as e:
+        print(f"vmhost: refusing to start: {e}", file=sys.stderr)
+        return EXIT_IDENTITY
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: stop.set())

@@ -3,16 +3,38 @@
 One small text file per volume, VDSM-style ``KEY=value`` lines sorted by key
 and closed by ``EOF``, so a reader can tell a whole record from a cut one.
 Writers replace it atomically (see vmhost.fsutil.atomic_write).
+
+Free text (DESCRIPTION, DISKTYPE) comes from the API, so a value must never
+be able to end its line or start another key: every value is written
+percent-encoded (``%XX`` per UTF-8 byte) for ``%``, ``=`` and every character
+some reader could take for a line break or a control (Unicode categories Cc,
+Zl, Zp: ``\n``, ``\r``, ``\x0b``, ``\x0c``, ``\x1c``-``\x1e``, ``\x85``,
+``\u2028``, ``\u2029``, NUL, ...). So a value round-trips exactly, a line
+holds exactly one ``=`` and one key, and ``grep PUUID=`` style tools cannot be
+fooled either. The reader splits on ``\n`` only (never str.splitlines, which
+also splits on the characters above) and refuses duplicate keys.
+
+Decoding is lenient for files written before the encoding existed: only runs
+of upper-case ``%XX`` that form valid UTF-8 are decoded, anything else is
+kept as written. (A legacy description holding such a run literally, e.g.
+"%41", reads back decoded: "A".)
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import time
+import unicodedata
 
+from vmhost.errors import InvalidParameter
 from vmhost.ids import BLANK_UUID, check_uuid
 
+# Limits on what the caller sends, in characters (the API schema has the same
+# ones). VDSM's DESCRIPTION_SIZE is 210. Encoded, a character takes at most
+# 9 bytes ("%E2%80%A8"), so a whole record stays under 4 KiB.
 MAX_DESCRIPTION = 210
+MAX_DISKTYPE = 32
 
 
 class VolFormat(str, enum.Enum):
@@ -79,8 +101,8 @@ class VolumeMetadata:
         fields = {
             "CAP": str(self.capacity),
             "CTIME": str(self.ctime),
-            "DESCRIPTION": _one_line(self.description)[:MAX_DESCRIPTION],
-            "DISKTYPE": _one_line(self.disktype),
+            "DESCRIPTION": self.description[:MAX_DESCRIPTION],
+            "DISKTYPE": self.disktype,
             "DOMAIN": self.domain,
             "FORMAT": self.format.value,
             "GEN": str(self.generation),
@@ -93,23 +115,27 @@ class VolumeMetadata:
         }
         if self.merged_into:     # only then: other volumes' files stay VDSM's keys
             fields["MERGED"] = self.merged_into
-        text = "".join(f"{k}={v}\n" for k, v in sorted(fields.items())) + "EOF\n"
-        return text.encode("utf-8")
+        text = "".join(f"{k}={encode_value(v)}\n" for k, v in sorted(fields.items()))
+        return (text + "EOF\n").encode("utf-8")
 
     @classmethod
     def parse(cls, data: bytes) -> "VolumeMetadata":
         try:
-            lines = data.decode("utf-8").splitlines()
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             raise MetadataError(f"metadata is not UTF-8: {e}") from None
-        if not lines or lines[-1] != "EOF":
+        # The writer's separator only (see the module docstring).
+        lines = text.removesuffix("\n").split("\n")
+        if lines[-1] != "EOF":
             raise MetadataError("metadata is truncated (no EOF marker)")
         kv = {}
         for line in lines[:-1]:
             key, sep, value = line.partition("=")
             if not sep:
                 raise MetadataError(f"malformed metadata line {line!r:.80}")
-            kv[key] = value
+            if key in kv:
+                raise MetadataError(f"metadata has key {key!r:.40} twice")
+            kv[key] = decode_value(value)
         try:
             return cls(
                 domain=check_uuid(kv["DOMAIN"], "DOMAIN"),
@@ -133,8 +159,44 @@ class VolumeMetadata:
             raise MetadataError(f"bad metadata value: {e}") from None
 
 
-def _one_line(text: str) -> str:
-    return text.replace("\n", " ").replace("\r", " ")
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Zl", "Zp"})
+_ENCODED_RUN = re.compile(r"(?:%[0-9A-F]{2})+")
+
+
+def _needs_escape(ch: str) -> bool:
+    return ch in "%=" or unicodedata.category(ch) in _ESCAPED_CATEGORIES
+
+
+def encode_value(text: str) -> str:
+    """One metadata value as written: no separator, control or '=' left."""
+    return "".join("".join(f"%{b:02X}" for b in ch.encode("utf-8")) if _needs_escape(ch) else ch
+                   for ch in text)
+
+
+def decode_value(text: str) -> str:
+    """Inverse of encode_value; text it did not write is kept as it is."""
+    def decode(match: re.Match) -> str:
+        try:
+            return bytes.fromhex(match.group().replace("%", "")).decode("utf-8")
+        except UnicodeDecodeError:
+            return match.group()
+    return _ENCODED_RUN.sub(decode, text)
+
+
+def check_text(name: str, value: object, max_length: int, min_length: int = 0) -> str:
+    """A free-text API value fit for metadata: a string of min..max characters
+    (as sent, before encoding) that UTF-8 can carry. Raises InvalidParameter
+    naming the field."""
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{name} must be a string, got {type(value).__name__}")
+    if not min_length <= len(value) <= max_length:
+        raise InvalidParameter(f"{name} must be {min_length}..{max_length} characters long, "
+                               f"got {len(value)}")
+    for i, ch in enumerate(value):
+        if unicodedata.category(ch) == "Cs":
+            raise InvalidParameter(f"{name} is not valid Unicode text: a lone surrogate "
+                                   f"U+{ord(ch):04X} at position {i}")
+    return value
 
 
 def parse_format(value: str | int) -> VolFormat:

@@ -21,8 +21,8 @@ from vmhost.storage import qemu_img
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
-from vmhost.storage.metadata import (Legality, Prealloc, VolumeMetadata, parse_format,
-                                     parse_prealloc)
+from vmhost.storage.metadata import (MAX_DESCRIPTION, MAX_DISKTYPE, Legality, Prealloc,
+                                     VolumeMetadata, check_text, parse_format, parse_prealloc)
 from vmhost.storage.monitor import DomainMonitor, DomainStatus
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ class StorageService:
         check_uuid(vol_uuid, "volumeID")
         check_uuid(src_vol_uuid, "srcVolUUID")
         check_uuid(src_img_uuid, "srcImgUUID")
+        # Free text goes into the metadata file encoded (see storage.metadata).
+        check_text("desc", desc, MAX_DESCRIPTION)
+        check_text("diskType", disk_type, MAX_DISKTYPE, min_length=1)
         if not isinstance(size, int) or not 1 <= size <= MAX_VOLUME_SIZE:
             raise errors.InvalidParameter(
                 f"size must be 1..{MAX_VOLUME_SIZE} bytes (1 PiB), got {size!r}")
