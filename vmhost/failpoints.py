@@ -75,3 +75,37 @@ def _maybe_die(name: str) -> None:
 
 
 hit = _maybe_die if _armed else _noop
+
+
+# Injected errors: `VMHOST_INJECT_ERROR=<name>[:<n>]` makes the first n calls
+# of `error(<name>)` raise InjectedError, standing in for a libvirt call that
+# fails (a pivot refused) where real QEMU cannot be made to fail on demand.
+INJECT_ENV = "VMHOST_INJECT_ERROR"
+ERROR_POINTS: tuple[str, ...] = ("merge.pivot",)
+
+
+class InjectedError(Exception):
+    pass
+
+
+def _parse_inject(spec: str) -> list:
+    if not spec:
+        return []
+    name, _, count = spec.partition(":")
+    if name not in ERROR_POINTS:
+        raise ValueError(f"{INJECT_ENV}={spec!r}: unknown error point {name!r}")
+    return [name, int(count or 1)]
+
+
+_inject = _parse_inject(os.environ.get(INJECT_ENV, ""))
+
+
+def _maybe_raise(name: str) -> None:
+    with _lock:
+        if not _inject or name != _inject[0] or _inject[1] <= 0:
+            return
+        _inject[1] -= 1
+    raise InjectedError(f"injected error at {name}")
+
+
+error = _maybe_raise if _inject else _noop

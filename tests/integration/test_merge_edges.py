@@ -195,3 +195,24 @@ def test_crash_in_snapshot_converges(env, workdir, point):
         env.call("Volume.delete", storagedomainID=env.sd, imageID=img, volumeID=new)
     leaf = env.snapshot(vm, img, live[-1])      # and the next snapshot works
     assert env.assert_four_views(vm, img) == live + [leaf]
+
+
+def test_crash_inside_a_failed_pivot_converges(env, workdir):
+    """finding 3: a pivot refused by libvirt (injected), the agent killed after
+    it resumed the VM and before it persisted READY; recovery pauses again,
+    pivots, and the marker was never wrong on the way."""
+    vm, img, chain, g = build(env, workdir)
+    env.agent.kill9()
+    env.agent = start_agent(env.agent.state_dir, env={ENV: "merge.pivot_failed.resumed",
+                                                      "VMHOST_INJECT_ERROR": "merge.pivot"})
+    proc = env.agent.proc
+    job = merge(env, vm, img, chain, chain[2], chain[3])
+    wait_for(lambda: proc.poll() is not None, 60, "the agent to die in the failed pivot")
+    assert not paused(env, vm)                           # resumed before the crash
+    assert env.metadata(img, chain[3]).legality.value == "LEGAL"   # never marked
+    g.write(0x7e, 30 * MiB, 2 * MiB)                     # the guest runs on the top
+    env.agent = start_agent(env.agent.state_dir)
+    assert env.job_outcome(vm, job)["state"] == "DONE"
+    assert env.assert_four_views(vm, img) == chain[:3]
+    assert not paused(env, vm)
+    g.assert_intact(img)

@@ -493,3 +493,17 @@ def test_job_finished_before_any_stats_is_shown_once(world):
     world.dom.finish()
     world.step(job)
     assert world.merger.job_stats(world.vm) == {}
+
+
+def test_no_such_domain_during_a_step_is_the_vm_going_down(world):
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
+
+    def gone(disk, flags=0):
+        e = libvirt.libvirtError("Domain not found")
+        e.err = (libvirt.VIR_ERR_NO_DOMAIN, 0, "Domain not found", 0, "", None, None, 0, 0)
+        raise e
+    world.dom.blockJobInfo = gone
+    assert world.step(job) is DONE
+    assert job not in world.vm.definition.jobs and world.vm.status == "Down"
+    assert job in world.repairs.started

@@ -516,7 +516,13 @@ class Merger:
                 if step is None:   # FAILED (an older agent's record): end it
                     self._finish(vm, job, State.FAILED, job.error or "failed")
                     return DONE
-                outcome = step(vm, self._domain_of(vm), job)
+                try:
+                    outcome = step(vm, self._domain_of(vm), job)
+                except libvirt.libvirtError as e:
+                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                        raise
+                    vm.status = DOWN   # QEMU went away under us: same as a stop event
+                    return self._vm_gone(vm, vm_id, job_id)
             while isinstance(outcome, _Outside):
                 outcome = self._run_outside(vm_id, job_id, outcome)
             if outcome is not None:
@@ -612,8 +618,9 @@ class Merger:
                 log.info("merge job %s: cannot lift the bandwidth limit: %s", job.id, e)
         failpoints.hit("merge.pivot.before")
         try:
+            failpoints.error("merge.pivot")
             dom.blockJobAbort(job.drive, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-        except libvirt.libvirtError as e:
+        except (libvirt.libvirtError, failpoints.InjectedError) as e:
             return self._pivot_failed(vm, dom, job, str(e))
         failpoints.hit("merge.pivot.after")
         if not self._wait_for_pivot(dom, job):
