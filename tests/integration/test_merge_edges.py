@@ -83,9 +83,11 @@ def test_finding4_qemu_dies_in_the_pivot_window_no_acknowledged_write_lost(
         if point == "merge.save.PIVOT.before":
             # The pivot marker is never written while the guest can write to the top.
             assert marker == "LEGAL" and mirror_ready(env, vm)
-        # Several MiB the 1 MiB/s mirror has not copied to the base yet.
+        # Several MiB the 1 MiB/s mirror has not copied to the base yet,
+        # acknowledged: written and flushed (the drive has a write cache).
         for i in range(6):
             g.write(0x70 + i, (24 + i) * MiB, MiB)
+        guestio.qemu_io(env.dom(vm), "vda", "flush")
     else:
         assert paused(env, vm)               # the guest cannot write now
     kill_qemu(env, vm)
@@ -211,6 +213,7 @@ def test_crash_inside_a_failed_pivot_converges(env, workdir):
     assert not paused(env, vm)                           # resumed before the crash
     assert env.metadata(img, chain[3]).legality.value == "LEGAL"   # never marked
     g.write(0x7e, 30 * MiB, 2 * MiB)                     # the guest runs on the top
+    guestio.qemu_io(env.dom(vm), "vda", "flush")
     env.agent = start_agent(env.agent.state_dir)
     assert env.job_outcome(vm, job)["state"] == "DONE"
     assert env.assert_four_views(vm, img) == chain[:3]
