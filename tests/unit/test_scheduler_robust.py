@@ -236,3 +236,18 @@ def test_resubmit_after_cancel_waits_for_the_cancelled_run(stopper):
 
 def _entry(sched: Scheduler, key: str) -> dict:
     return next(e for e in sched.pending() if e["key"] == key)
+
+
+def test_survived_errors_are_exported_by_thread(stopper):
+    import types
+
+    from vmhost.metrics import Metrics
+    sched = make(pool=FlakyPool(failures=1))
+    stopper(sched)
+    sched.submit("k", "refused once", Counter())
+    assert sched.wait_idle("k", DEADLINE)
+    storage = types.SimpleNamespace(repo_stats=dict)
+    text = Metrics(types.SimpleNamespace(vms=list), sched, storage).render().decode()
+    line = next(ln for ln in text.splitlines()
+                if ln.startswith('vmhost_thread_errors_total{thread="scheduler"}'))
+    assert float(line.split()[-1]) == thread_errors.get("scheduler") >= 1
