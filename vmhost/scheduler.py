@@ -215,7 +215,15 @@ class Scheduler:
                 except Exception:
                     timeout = trouble.next()
                     survived("scheduler", "dispatching work failed", timeout)
+                    self._resync()
                 self._lock.wait(timeout)
+
+    def _resync(self) -> None:
+        """After an error in the loop, an item may have left the heap without
+        starting: give every idle item an entry again (stale ones are skipped)."""
+        for item in self._items.values():
+            if not item.running:
+                self._schedule_at(item, item.next_run)
 
     def _dispatch_due(self) -> float | None:
         """Start every item that is due; the seconds until the next one is."""

@@ -142,6 +142,24 @@ def test_a_value_that_is_not_an_outcome_is_retried(stopper):
     assert item.runs == 3
 
 
+def test_item_popped_before_a_loop_error_is_not_lost(stopper, monkeypatch):
+    sched = Scheduler(backoff_base=0.01)
+    stopper(sched)
+    real, failed = sched._start, []
+
+    def broken_once(item):   # the item has left the heap when this raises
+        if not failed:
+            failed.append(item.key)
+            raise AttributeError("bug after the pop")
+        real(item)
+    monkeypatch.setattr(sched, "_start", broken_once)
+    item = Counter()
+    sched.submit("k", "popped, then the loop failed", item)
+    sched.start()
+    assert sched.wait_idle("k", DEADLINE)
+    assert failed == ["k"] and item.runs == 1
+
+
 def test_error_in_the_loop_itself_is_survived(stopper, monkeypatch):
     sched = Scheduler(backoff_base=0.01)
     stopper(sched)
