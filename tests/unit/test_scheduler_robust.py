@@ -36,18 +36,20 @@ class FlakyPool(ThreadPoolExecutor):
         return super().submit(fn, *args, **kwargs)
 
 
-def make(**kwargs) -> Scheduler:
-    kwargs.setdefault("backoff_base", 0.01)
-    sched = Scheduler(**kwargs)
-    sched.start()
-    return sched
-
-
 @pytest.fixture
-def stopper():
-    started: list[Scheduler] = []
-    yield started.append
-    for sched in started:
+def scheduler():
+    """A factory of schedulers with a short backoff, stopped after the test."""
+    made: list[Scheduler] = []
+
+    def make(start: bool = True, **kwargs) -> Scheduler:
+        kwargs.setdefault("backoff_base", 0.01)
+        sched = Scheduler(**kwargs)
+        made.append(sched)
+        if start:
+            sched.start()
+        return sched
+    yield make
+    for sched in made:
         sched.stop()
 
 
@@ -74,10 +76,9 @@ class Counter:
         return outcome
 
 
-def test_failed_pool_submit_retries_and_later_items_run(stopper):
+def test_failed_pool_submit_retries_and_later_items_run(scheduler):
     pool = FlakyPool(failures=1)
-    sched = make(pool=pool)
-    stopper(sched)
+    sched = scheduler(pool=pool)
     errors_before = thread_errors.get("scheduler")
     first, later = Counter(), Counter()
     sched.submit("first", "refused once by the pool", first)
@@ -89,10 +90,9 @@ def test_failed_pool_submit_retries_and_later_items_run(stopper):
     assert sched._thread.is_alive()
 
 
-def test_pool_that_queues_then_fails_never_runs_an_item_twice(stopper):
+def test_pool_that_queues_then_fails_never_runs_an_item_twice(scheduler):
     pool = FlakyPool(failures=1, queue_first=True)
-    sched = make(pool=pool)
-    stopper(sched)
+    sched = scheduler(pool=pool)
     item = Counter()
     sched.submit("k", "queued by a failing submit", item)
     assert sched.wait_idle("k", DEADLINE)
@@ -100,10 +100,9 @@ def test_pool_that_queues_then_fails_never_runs_an_item_twice(stopper):
     assert item.runs == 1 and item.overlaps == 0
 
 
-def test_failed_submit_is_shown_as_a_retry(stopper):
+def test_failed_submit_is_shown_as_a_retry(scheduler):
     pool = FlakyPool(failures=1)
-    sched = make(pool=pool, backoff_base=60.0)
-    stopper(sched)
+    sched = scheduler(pool=pool, backoff_base=60.0)
     sched.submit("k", "refused", Counter())
     wait_for(lambda: sched.has("k") and _entry(sched, "k")["attempts"] == 1, what="a retry")
     entry = _entry(sched, "k")
@@ -111,9 +110,8 @@ def test_failed_submit_is_shown_as_a_retry(stopper):
     assert entry["running"] is False and entry["nextRunIn"] > 10
 
 
-def test_item_raising_is_logged_retried_and_other_items_run(stopper, caplog):
-    sched = make()
-    stopper(sched)
+def test_item_raising_is_logged_retried_and_other_items_run(scheduler, caplog):
+    sched = scheduler()
     boom = Counter([ValueError("disk on fire"), ValueError("still on fire")])
     other = Counter()
     sched.submit("boom", "raises twice", boom)
@@ -124,27 +122,24 @@ def test_item_raising_is_logged_retried_and_other_items_run(stopper, caplog):
     assert sched._thread.is_alive()
 
 
-def test_item_raising_base_exception_is_not_left_running(stopper):
-    sched = make()
-    stopper(sched)
+def test_item_raising_base_exception_is_not_left_running(scheduler):
+    sched = scheduler()
     item = Counter([SystemExit(3)])
     sched.submit("k", "raises SystemExit once", item)
     assert sched.wait_idle("k", DEADLINE)
     assert item.runs == 2
 
 
-def test_a_value_that_is_not_an_outcome_is_retried(stopper):
-    sched = make()
-    stopper(sched)
+def test_a_value_that_is_not_an_outcome_is_retried(scheduler):
+    sched = scheduler()
     item = Counter([None, "done?"])
     sched.submit("k", "returns nonsense twice", item)
     assert sched.wait_idle("k", DEADLINE)
     assert item.runs == 3
 
 
-def test_item_popped_before_a_loop_error_is_not_lost(stopper, monkeypatch):
-    sched = Scheduler(backoff_base=0.01)
-    stopper(sched)
+def test_item_popped_before_a_loop_error_is_not_lost(scheduler, monkeypatch):
+    sched = scheduler(start=False)
     real, failed = sched._start, []
 
     def broken_once(item):   # the item has left the heap when this raises
@@ -160,9 +155,8 @@ def test_item_popped_before_a_loop_error_is_not_lost(stopper, monkeypatch):
     assert failed == ["k"] and item.runs == 1
 
 
-def test_error_in_the_loop_itself_is_survived(stopper, monkeypatch):
-    sched = Scheduler(backoff_base=0.01)
-    stopper(sched)
+def test_error_in_the_loop_itself_is_survived(scheduler, monkeypatch):
+    sched = scheduler(start=False)
     real = sched._dispatch_due
     calls = {"n": 0}
 
@@ -195,34 +189,22 @@ class Gate:
         return self.outcome
 
 
-def test_resubmission_during_a_done_run_is_kept(stopper):
-    sched = make()
-    stopper(sched)
-    gate, again = Gate(DONE), Counter()
+@pytest.mark.parametrize("first, backoff", [(DONE, 0.01), (Retry("storage hiccup"), 60.0)],
+                         ids=["done", "retry-skips-the-backoff"])
+def test_resubmission_during_a_run_is_kept(scheduler, first, backoff):
+    sched = scheduler(backoff_base=backoff)
+    gate, again = Gate(first), Counter()
     sched.submit("resume-eio/sd", "first VALID event", gate)
     assert gate.started.wait(DEADLINE)
     sched.submit("resume-eio/sd", "second VALID event", again)
     assert _entry(sched, "resume-eio/sd")["running"] is True
     gate.release.set()
-    assert sched.wait_idle("resume-eio/sd", DEADLINE)
+    assert sched.wait_idle("resume-eio/sd", DEADLINE)   # well before a 60 s backoff
     assert again.runs == 1
 
 
-def test_resubmission_during_a_failed_run_does_not_wait_for_the_backoff(stopper):
-    sched = make(backoff_base=60.0)
-    stopper(sched)
-    gate, again = Gate(Retry("storage hiccup")), Counter()
-    sched.submit("k", "first", gate)
-    assert gate.started.wait(DEADLINE)
-    sched.submit("k", "second", again)
-    gate.release.set()
-    assert sched.wait_idle("k", DEADLINE)     # not after the 60 s backoff
-    assert again.runs == 1
-
-
-def test_notify_during_a_done_run_does_not_revive_it(stopper):
-    sched = make()
-    stopper(sched)
+def test_notify_during_a_done_run_does_not_revive_it(scheduler):
+    sched = scheduler()
     gate = Gate(DONE)
     sched.submit("k", "done after the notify", gate, topics=(("vm", "x"),))
     assert gate.started.wait(DEADLINE)
@@ -232,14 +214,12 @@ def test_notify_during_a_done_run_does_not_revive_it(stopper):
     assert not sched.has("k")
 
 
-def test_resubmit_after_cancel_waits_for_the_cancelled_run(stopper):
-    sched = make()
-    stopper(sched)
+def test_resubmit_after_cancel_waits_for_the_cancelled_run(scheduler):
+    sched = scheduler()
     gate, second = Gate(DONE), Counter()
     sched.submit("k", "cancelled while running", gate)
     assert gate.started.wait(DEADLINE)
     sched.cancel("k")
-    sched.submit("k", "new item, same key", second)
     running_alone = threading.Event()
 
     def observe():   # the new item must not start while the old run goes on
@@ -256,12 +236,11 @@ def _entry(sched: Scheduler, key: str) -> dict:
     return next(e for e in sched.pending() if e["key"] == key)
 
 
-def test_survived_errors_are_exported_by_thread(stopper):
+def test_survived_errors_are_exported_by_thread(scheduler):
     import types
 
     from vmhost.metrics import Metrics
-    sched = make(pool=FlakyPool(failures=1))
-    stopper(sched)
+    sched = scheduler(pool=FlakyPool(failures=1))
     sched.submit("k", "refused once", Counter())
     assert sched.wait_idle("k", DEADLINE)
     storage = types.SimpleNamespace(repo_stats=dict)
