@@ -22,6 +22,7 @@ from vmhost.api.bridge import build_table
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
+from vmhost.backoff import survived
 from vmhost.config import Config
 from vmhost.events import EventBus
 from vmhost.metrics import Metrics
@@ -158,9 +159,14 @@ class Agent:
                 # Repairs whose VM is gone run now (when their domain is VALID).
                 self.repairs.resume(self.vms.owned_jobs(), {vm.id for vm in self.vms.vms()})
                 break
-            except libvirt.libvirtError as e:
-                # libvirtd not up yet: keep answering 99 and try again.
-                log.warning("recovery: libvirt not available (%s); retrying in %.1fs", e, delay)
+            except Exception as e:
+                # libvirtd not up yet, or an unexpected error (the thread must not
+                # die and leave the API at 99 for good): keep answering 99, try again.
+                if isinstance(e, libvirt.libvirtError):
+                    log.warning("recovery: libvirt not available (%s); retrying in %.1fs", e,
+                                delay)
+                else:
+                    survived("recovery", "VM recovery failed", delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, LIBVIRT_RETRY_MAX)
         else:

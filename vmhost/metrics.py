@@ -10,8 +10,10 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vmhost.backoff import thread_errors
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -55,6 +57,12 @@ class _StateCollector:
         for sd, stats in self._storage.repo_stats().items():
             domains.add_metric([sd], 1 if stats["valid"] else 0)
         yield domains
+        survived = CounterMetricFamily("vmhost_thread_errors",
+                                       "Unexpected errors a background thread logged, backed "
+                                       "off and survived", labels=["thread"])
+        for thread, n in sorted(thread_errors.snapshot().items()):
+            survived.add_metric([thread], n)
+        yield survived
 
 
 class Metrics:

@@ -13,9 +13,22 @@ run answers with what should happen next:
                             the requirement's topic is notified, with a slow
                             timer as a safety net in case a notification is lost.
 
-An exception escaping the function counts as ``Retry``. Items are never
-dropped and never busy-loop: every path back to running goes through a timer
-with a floor, or an event.
+An exception escaping the function counts as ``Retry``; so does a value that
+is not an outcome, and a run the pool could not start (e.g. "can't start new
+thread"): the item backs off and the loop goes on with the other items. Items
+are never dropped and never busy-loop: every path back to running goes through
+a timer with a floor, or an event. The loop itself follows vmhost.backoff's
+rule: an error in it is logged, counted and backed off, never fatal.
+
+A ``submit`` for a key whose item is running is never lost: the running pass
+may have read its inputs before the call, so the item runs once more after it,
+even if that pass returns ``DONE`` (a second VALID event during a long
+EIO-resume pass, a second synchronizeDisks). A ``notify`` during a run only
+hastens the next run of an item that is not ``DONE``.
+
+One key never runs twice at once: a run is tied to its dispatch by a token
+(a pool may queue a run and still report a failure), and an item submitted
+again after a ``cancel`` waits for the cancelled run to end.
 
 Persistence: items are not written anywhere. They are re-derived at start-up
 from what is persisted: block job records and pending disk syncs live in each
@@ -29,8 +42,10 @@ import itertools
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable, Hashable
+
+from vmhost.backoff import Backoff, exponential, survived
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +99,9 @@ class WorkItem:
     next_run: float = 0.0                      # time.monotonic(); 0 = as soon as possible
     running: bool = False
     rerun: bool = False                        # notified while running: run again right after
+    resubmit_at: float | None = None           # submitted while running: run again at this time
     generation: int = 0                        # bumps whenever the item is rescheduled
+    dispatch: int | None = None                # token of the run in flight
 
     def to_api(self, now: float) -> dict:
         return {
@@ -99,18 +116,19 @@ class WorkItem:
 
 class Scheduler:
     def __init__(self, workers: int = 4, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 blocked_recheck: float = 30.0):
+                 blocked_recheck: float = 30.0, pool: Executor | None = None):
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._blocked_recheck = blocked_recheck
         self._lock = threading.Condition()
         self._items: dict[str, WorkItem] = {}
+        self._active: set[str] = set()            # keys with a run in flight
         self._heap: list[tuple[float, int, str, int]] = []
         self._seq = itertools.count()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="work")
+        self._tokens = itertools.count(1)
+        self._pool = pool or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="work")
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-        self._listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self._thread.start()
@@ -125,7 +143,8 @@ class Scheduler:
 
     def submit(self, key: str, description: str, fn: Callable[[], Outcome],
                topics: tuple[Topic, ...] = (), delay: float = 0.0) -> None:
-        """Add an item, or replace the function of the item with that key."""
+        """Add an item, or replace the function of the item with that key.
+        If that item is running, it runs again (with `fn`) after this run."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -133,7 +152,11 @@ class Scheduler:
                 self._items[key] = item
             else:
                 item.fn, item.description, item.topics = fn, description, topics
-            self._schedule(item, delay)
+            if item.running:
+                at = time.monotonic() + delay
+                item.resubmit_at = at if item.resubmit_at is None else min(item.resubmit_at, at)
+            else:
+                self._schedule(item, delay)
 
     def notify(self, topic: Topic) -> None:
         """Something changed (a domain became VALID, a block job event): run the
@@ -171,47 +194,105 @@ class Scheduler:
                 self._lock.wait(left)
             return True
 
-    # --- internals --------------------------------------------------------
+    # --- internals (the caller holds self._lock unless said otherwise) -----
 
     def _schedule(self, item: WorkItem, delay: float) -> None:
+        self._schedule_at(item, time.monotonic() + delay)
+
+    def _schedule_at(self, item: WorkItem, when: float) -> None:
         item.generation += 1
-        item.next_run = time.monotonic() + delay
+        item.next_run = when
         heapq.heappush(self._heap, (item.next_run, next(self._seq), item.key, item.generation))
         self._lock.notify_all()
 
     def _loop(self) -> None:
+        trouble = Backoff(0.05, 5.0)   # errors of the loop itself, not of the items
         with self._lock:
             while not self._stopping:
-                now = time.monotonic()
-                while self._heap and self._heap[0][0] <= now:
-                    _, _, key, gen = heapq.heappop(self._heap)
-                    item = self._items.get(key)
-                    if item is None or item.generation != gen or item.running:
-                        continue  # stale entry: superseded by a later schedule
-                    item.running = True
-                    self._pool.submit(self._run, item)
-                timeout = (self._heap[0][0] - now) if self._heap else None
+                try:
+                    timeout = self._dispatch_due()
+                    trouble.reset()
+                except Exception:
+                    timeout = trouble.next()
+                    survived("scheduler", "dispatching work failed", timeout)
+                    self._resync()
                 self._lock.wait(timeout)
 
-    def _run(self, item: WorkItem) -> None:
+    def _resync(self) -> None:
+        """After an error in the loop, an item may have left the heap without
+        starting: give every idle item an entry again (stale ones are skipped)."""
+        for item in self._items.values():
+            if not item.running:
+                self._schedule_at(item, item.next_run)
+
+    def _dispatch_due(self) -> float | None:
+        """Start every item that is due; the seconds until the next one is."""
+        now = time.monotonic()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, key, gen = heapq.heappop(self._heap)
+            item = self._items.get(key)
+            if item is None or item.generation != gen or item.running:
+                continue  # stale entry: superseded by a later schedule
+            if key in self._active:
+                continue  # a cancelled run of this key is still going: _finish reschedules
+            self._start(item)
+        return (self._heap[0][0] - now) if self._heap else None
+
+    def _start(self, item: WorkItem) -> None:
+        item.running, item.dispatch = True, next(self._tokens)
+        self._active.add(item.key)
         try:
-            outcome = item.fn()
-        except Exception as e:  # a bug or an unexpected error: never lose the item
-            log.exception("work item %s failed", item.key)
-            outcome = Retry(f"{type(e).__name__}: {e}")
-        with self._lock:
-            item.running = False
-            if self._items.get(item.key) is not item:
-                self._lock.notify_all()
+            self._pool.submit(self._run, item, item.dispatch)
+        except Exception as e:
+            # E.g. RuntimeError "can't start new thread". ThreadPoolExecutor may
+            # have queued the run before failing: the token voids that run.
+            item.running, item.dispatch = False, None
+            self._active.discard(item.key)
+            if self._stopping:
                 return
-            self._apply(item, outcome)
+            survived("scheduler", f"could not start work item {item.key}")
+            self._apply(item, Retry(f"could not start: {type(e).__name__}: {e}"))
+
+    def _run(self, item: WorkItem, token: int) -> None:
+        """On a pool thread, without the lock."""
+        with self._lock:
+            if item.dispatch != token:
+                return  # a start the loop gave up on; it was rescheduled
+        outcome: Outcome = Retry("the run ended without an outcome")
+        try:
+            outcome = _call(item)
+        finally:
+            self._finish(item, outcome)
+
+    def _finish(self, item: WorkItem, outcome: Outcome) -> None:
+        with self._lock:
+            item.running, item.dispatch = False, None
+            self._active.discard(item.key)
+            current = self._items.get(item.key)
+            if current is item:
+                try:
+                    self._apply(item, outcome)
+                except Exception:  # a bug here must not lose the item
+                    survived("scheduler", f"could not reschedule work item {item.key}")
+                    self._schedule(item, self._backoff_max)
+            elif current is not None and not current.running:
+                self._schedule(current, 0.0)  # it waited for this cancelled run to end
             self._lock.notify_all()
 
     def _apply(self, item: WorkItem, outcome: Outcome) -> None:
-        if outcome is DONE:
-            del self._items[item.key]
-            return
         rerun, item.rerun = item.rerun, False
+        resubmit_at, item.resubmit_at = item.resubmit_at, None
+        if not (outcome is DONE or isinstance(outcome, (Wait, Retry, Blocked))):
+            log.error("work item %s returned %r, not an outcome", item.key, outcome)
+            outcome = Retry(f"returned {outcome!r}, not an outcome")
+        if outcome is DONE:
+            if resubmit_at is None:
+                del self._items[item.key]
+                return
+            # Submitted again during this run: that request is not served yet.
+            item.attempts, item.blocked_on, item.reason = 0, None, ""
+            self._schedule_at(item, resubmit_at)
+            return
         if isinstance(outcome, Wait):
             item.attempts, item.blocked_on, item.reason = 0, None, ""
             self._schedule(item, 0.0 if rerun else outcome.seconds)
@@ -220,16 +301,24 @@ class Scheduler:
             item.reason = f"waiting: {outcome.requirement.description}"
             ready = rerun or _safe_check(outcome.requirement)
             self._schedule(item, self._backoff_base if ready else self._blocked_recheck)
-        elif isinstance(outcome, Retry):
+        else:
             item.attempts += 1
             item.blocked_on = None
             item.reason = outcome.reason
-            delay = min(self._backoff_max, self._backoff_base * 2 ** (item.attempts - 1))
+            delay = exponential(self._backoff_base, self._backoff_max, item.attempts)
             log.info("work item %s: retry #%d in %.1fs: %s", item.key, item.attempts, delay,
                      outcome.reason)
             self._schedule(item, delay)
-        else:
-            raise TypeError(f"work item {item.key} returned {outcome!r}")
+        if resubmit_at is not None and resubmit_at < item.next_run:
+            self._schedule_at(item, resubmit_at)
+
+
+def _call(item: WorkItem) -> Outcome:
+    try:
+        return item.fn()
+    except Exception as e:  # a bug or an unexpected error: never lose the item
+        log.exception("work item %s failed", item.key)
+        return Retry(f"{type(e).__name__}: {e}")
 
 
 def _safe_check(req: Requirement) -> bool:

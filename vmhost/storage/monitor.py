@@ -3,6 +3,16 @@
 The check reads the domain's metadata with O_DIRECT in a child process (dd)
 under a timeout. A hung mount can then block only that child, never the
 agent: on timeout the child is killed and reaped by a throw-away thread.
+
+When the prober itself fails (``Popen`` raising EMFILE or ENOMEM, any
+unexpected exception) nothing was learnt about the storage: the agent, not the
+domain, is in trouble. Such an error keeps the last verdict and re-checks
+after a short backoff; if no check gets through for ``timeout`` seconds, the
+domain turns INVALID ("cannot check ..."), as it would after a read hung for
+``timeout`` seconds. A transient prober failure thus never flaps a healthy
+domain, and a persistent one never leaves a stale VALID: VALID always means a
+read succeeded less than ``interval + timeout`` ago. The thread never dies: an
+error anywhere in its loop is logged, counted and backed off (vmhost.backoff).
 """
 from __future__ import annotations
 
@@ -13,9 +23,14 @@ import threading
 import time
 from typing import Callable
 
+from vmhost.backoff import Backoff, survived
+
 log = logging.getLogger(__name__)
 
 StatusCallback = Callable[[str, bool, str], None]
+Probe = Callable[[], tuple[bool, str, float]]   # () -> (ok, reason, seconds the read took)
+
+PROBER_RETRY_BASE = 0.5   # first re-check after the prober itself failed, seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +84,10 @@ class Prober:
             self._stuck = proc
             return (False, f"read of {self.path} timed out after {self.timeout}s",
                     time.monotonic() - start)
+        except BaseException:
+            proc.kill()          # never leak the child; it is reaped by the next call
+            self._stuck = proc
+            raise
         return _result(proc, err, time.monotonic() - start)
 
 
@@ -81,12 +100,15 @@ def _result(proc: subprocess.Popen, err: str, elapsed: float) -> tuple[bool, str
 
 class DomainMonitor:
     def __init__(self, sd_uuid: str, probe_path: str, interval: float, timeout: float,
-                 on_change: StatusCallback):
+                 on_change: StatusCallback, prober: Probe | None = None):
         self.sd_uuid = sd_uuid
-        self._probe = Prober(probe_path, timeout)
+        self._probe = prober or Prober(probe_path, timeout)
         self._interval = interval
+        self._timeout = timeout
         self._on_change = on_change
         self._status = DomainStatus(valid=None)
+        self._unchecked_since: float | None = None   # first prober error of the current run
+        self._trouble = Backoff(min(PROBER_RETRY_BASE, interval), interval)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -109,19 +131,50 @@ class DomainMonitor:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._check()
-            self._wake.wait(self._interval)
+            try:
+                delay = self._check()
+            except Exception:  # a bug outside the probe: the status must not freeze
+                delay = self._trouble.next()
+                survived(self._thread.name, f"checking domain {self.sd_uuid} failed", delay)
+            self._wake.wait(delay)
             self._wake.clear()
 
-    def _check(self) -> None:
-        ok, reason, delay = self._probe()
-        old = self._status
-        self._status = DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
-                                    delay=delay)
-        if old.valid is not ok:
-            log.info("domain %s became %s%s", self.sd_uuid, "VALID" if ok else "INVALID",
-                     f": {reason}" if reason else "")
+    def _check(self) -> float:
+        """Run one check; the seconds until the next one."""
+        try:
+            ok, reason, delay = self._probe()
+        except Exception as e:
+            return self._prober_failed(e)
+        self._unchecked_since = None
+        self._trouble.reset()
+        self._set(DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
+                               delay=delay))
+        return self._interval
+
+    def _prober_failed(self, error: Exception) -> float:
+        now = time.monotonic()
+        if self._unchecked_since is None:
+            self._unchecked_since = now
+        unchecked = now - self._unchecked_since
+        left = self._timeout - unchecked
+        retry = min(self._trouble.next(), self._interval)
+        if left > 0:
+            retry = min(retry, left)   # at the latest when the grace ends: the verdict is on time
+        survived(self._thread.name, f"cannot check domain {self.sd_uuid}", retry)
+        if left <= 0:
+            self._set(DomainStatus(
+                valid=False, checked_at=now,
+                reason=f"cannot check the domain for {unchecked:.1f}s: "
+                       f"{type(error).__name__}: {error}"))
+        return retry
+
+    def _set(self, status: DomainStatus) -> None:
+        old, self._status = self._status, status
+        if old.valid is not status.valid:
+            log.info("domain %s became %s%s", self.sd_uuid,
+                     "VALID" if status.valid else "INVALID",
+                     f": {status.reason}" if status.reason else "")
             try:
-                self._on_change(self.sd_uuid, ok, reason)
+                self._on_change(self.sd_uuid, bool(status.valid), status.reason)
             except Exception:
                 log.exception("domain status callback failed")
