@@ -403,6 +403,9 @@ class VmService:
                     raise   # libvirtd itself: recovery is retried as a whole
                 self._unrecoverable(dom, f"libvirt: {e}")
                 continue
+            except DefinitionError as e:
+                self._unrecoverable(dom, str(e))
+                continue
             except Exception as e:   # one VM never stops the recovery of the others
                 log.exception("domain %s: recovery failed", _uuid_of(dom))
                 self._unrecoverable(dom, f"{type(e).__name__}: {e}")
