@@ -189,6 +189,9 @@ class ImageRepairs:
             outcome = "repaired"
         except errors.VolumeIsBusy as e:
             chain, outcome = [], f"handed over: {e}"
+        except (errors.ImageFileNotFound, errors.StorageDomainDoesNotExist) as e:
+            # The engine removed the volumes (or the domain) meanwhile.
+            chain, outcome = [], f"nothing left to repair: {e}"
         except Exception as e:
             log.warning("image %s: storage repair failed: %s", repair.image, e)
             return Retry(f"storage repair of image {repair.image} failed: {e}")
