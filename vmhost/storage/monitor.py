@@ -87,6 +87,8 @@ class DomainMonitor:
         self._interval = interval
         self._on_change = on_change
         self._status = DomainStatus(valid=None)
+        self._lock = threading.Lock()       # one status change at a time, notified in order
+        self._hold: tuple[str, Callable[[], bool]] | None = None   # see mark_invalid
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -113,8 +115,30 @@ class DomainMonitor:
             self._wake.wait(self._interval)
             self._wake.clear()
 
+    def mark_invalid(self, reason: str, until: Callable[[], bool]) -> None:
+        """INVALID now, without waiting for a probe: an operation on the domain
+        hung past its deadline. The domain stays INVALID until `until()` is
+        true (the hung operations returned) and then a probe succeeds."""
+        with self._lock:
+            self._hold = (reason, until)
+            self._set(False, reason, self._status.delay)
+
     def _check(self) -> None:
         ok, reason, delay = self._probe()
+        with self._lock:
+            ok, reason = self._apply_hold(ok, reason)
+            self._set(ok, reason, delay)
+
+    def _apply_hold(self, ok: bool, reason: str) -> tuple[bool, str]:
+        if ok and self._hold is not None:
+            held, until = self._hold
+            if not until():
+                return False, held
+            self._hold = None
+        return ok, reason
+
+    def _set(self, ok: bool, reason: str, delay: float) -> None:
+        """Under self._lock: listeners see the changes in the order they happened."""
         old = self._status
         self._status = DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
                                     delay=delay)
