@@ -135,7 +135,8 @@ class DomainExecutor:
             oldest = stuck[0]
             raise Exhausted(f"all {self._workers} storage workers are blocked; the oldest, "
                             f"{oldest.what}, for {time.monotonic() - oldest.started:.0f}s")
-        if len(self._queue) >= self._queue_size:
+        free_workers = self._workers - len(self._running)
+        if len(self._queue) >= self._queue_size + free_workers:
             raise Exhausted(f"{len(self._queue)} operations are already waiting: "
                             f"{self._busy_text()}")
         self._queue.append(task)
