@@ -47,7 +47,7 @@ def _spawn(cmd: list[str], timeout: float | None = None) -> subprocess.Completed
     except subprocess.TimeoutExpired:
         proc.kill()
         try:
-            proc.wait(KILL_GRACE)
+            proc.communicate(timeout=KILL_GRACE)    # reaps it and closes the pipes
         except subprocess.TimeoutExpired:
             log.warning("%s (pid %d) does not exit after SIGKILL; reaping it later",
                         " ".join(cmd[:2]), proc.pid)
