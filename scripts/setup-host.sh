@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
+# fuse: libfuse2 + fusermount for the freezable test file system (tests/integration/freezefs.py)
 PKGS="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-      pkg-config gcc libc6-dev python3-venv"
+      pkg-config gcc libc6-dev python3-venv fuse"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

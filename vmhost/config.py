@@ -33,6 +33,10 @@ class Config:
     # Storage domain monitor
     monitor_interval: float = 5.0            # seconds between domain checks
     monitor_timeout: float = 10.0            # a domain read slower than this makes it INVALID
+    # Storage operations (see vmhost/storage/executor.py)
+    storage_op_timeout: float = 30.0         # a storage operation past this fails; domain INVALID
+    storage_workers: int = 4                 # threads per domain: what a hung domain can park
+    storage_queue: int = 16                  # operations waiting per domain before refusals
     # Block jobs
     job_poll_interval: float = 1.0           # seconds between polls of a running block job
     block_job_events: bool = True            # poll at once on libvirt's BLOCK_JOB_2 event
@@ -69,6 +73,9 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{f.name} must not be negative, got {value}")
+        if self.storage_workers < 1 or self.storage_op_timeout <= 0:
+            raise ConfigError("storage_workers must be at least 1 and storage_op_timeout "
+                              f"positive, got {self.storage_workers} and {self.storage_op_timeout}")
         return self
 
     def to_toml(self) -> str:

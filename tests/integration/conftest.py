@@ -299,3 +299,71 @@ def tree_digest(root: str) -> dict[str, str]:
             with open(path, "rb") as f:
                 out[path] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+# --- hung storage --------------------------------------------------------------
+
+HUNG_OP_TIMEOUT = 3.0      # the agent's storage_op_timeout in hung_env
+HUNG_WORKERS = 2           # its storage_workers: two hung calls park a domain's pool
+
+
+@dataclasses.dataclass
+class HungEnv:
+    """One agent with two storage domains: `frozen` lives on a FUSE mount the
+    test can freeze path by path (`fs`, see freezefs.py), `normal` on a plain
+    directory. Both Envs share the agent, so either one's `call` will do."""
+    frozen: Env
+    normal: Env
+    fs: "freezefs.FreezeFS"
+    op_timeout: float = HUNG_OP_TIMEOUT
+
+    def valid(self, e: Env) -> bool:
+        """The domain's `valid` in Host.getStorageRepoStats."""
+        return self.frozen.call("Host.getStorageRepoStats", domains=[e.sd])[e.sd]["valid"]
+
+
+@pytest.fixture
+def hung_env(workdir, libvirtd):
+    """A HungEnv whose agent fails storage calls after HUNG_OP_TIMEOUT seconds.
+
+    Freeze the volume metadata of the frozen domain (QEMU's I/O to the volume
+    files keeps flowing) and release it again:
+
+        def test_x(hung_env):
+            h = hung_env
+            with h.fs.frozen(*freezefs.METADATA):
+                ...   # calls reading or writing .meta files hang in the kernel
+            wait_for(lambda: h.valid(h.frozen), 30, "the frozen domain VALID")
+
+    Teardown releases the freeze first, then stops the agent, destroys the
+    test's VMs and unmounts the file system."""
+    import freezefs
+
+    state = os.path.join(workdir, "state")
+    os.makedirs(state)
+    config = os.path.join(state, "vmhost.toml")
+    with open(config, "w") as f:
+        f.write(f"storage_op_timeout = {HUNG_OP_TIMEOUT}\nstorage_workers = {HUNG_WORKERS}\n")
+    fs = freezefs.FreezeFS(os.path.join(workdir, "fuse-source"),
+                           os.path.join(workdir, "frozen")).start()
+    agent = None
+    try:
+        os.chmod(fs.source, 0o755)
+        normal_root = os.path.join(workdir, "storage")
+        os.makedirs(normal_root, mode=0o755)
+        agent = AgentProcess(state, extra_args=["--monitor-interval", "0.5", "--config", config])
+        agent.start().wait_ready()
+        conn = libvirt.open("qemu:///system")
+        h = HungEnv(frozen=Env(agent, str(uuid.uuid4()), fs.mountpoint, conn),
+                    normal=Env(agent, str(uuid.uuid4()), normal_root, conn), fs=fs)
+        for e, name in ((h.frozen, "frozen"), (h.normal, "normal")):
+            e.call("StorageDomain.create", storagedomainID=e.sd, domainType="localfs",
+                   typeArgs=e.storage_root, name=name)
+        yield h
+    finally:
+        fs.release()
+        if agent is not None:
+            agent.stop()
+            _show_log(agent.log_path)
+        _destroy_test_domains(libvirtd)
+        fs.stop()

@@ -421,3 +421,11 @@ def test_finding8_delete_is_idempotent(storage):
     before = _md(storage, img, base)
     storage.delete_volume(storage.sd, img, U())      # never existed: nothing to do
     assert storage.list_volumes(storage.sd, img) == [base] and _md(storage, img, base) == before
+
+
+def test_finding10_image_locks_do_not_pile_up(storage):
+    for _ in range(5):
+        img, vol = U(), U()
+        storage.create_volume(storage.sd, img, vol, MiB, "COW")
+        storage.delete_volume(storage.sd, img, vol)
+    assert storage._image_locks == {}

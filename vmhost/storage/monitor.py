@@ -109,6 +109,8 @@ class DomainMonitor:
         self._status = DomainStatus(valid=None)
         self._unchecked_since: float | None = None   # first prober error of the current run
         self._trouble = Backoff(min(PROBER_RETRY_BASE, interval), interval)
+        self._lock = threading.Lock()       # one status change at a time, notified in order
+        self._hold: tuple[str, Callable[[], bool]] | None = None   # see mark_invalid
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -139,6 +141,15 @@ class DomainMonitor:
             self._wake.wait(delay)
             self._wake.clear()
 
+    def mark_invalid(self, reason: str, until: Callable[[], bool]) -> None:
+        """INVALID now, without waiting for a probe: an operation on the domain
+        hung past its deadline. The domain stays INVALID until `until()` is
+        true (the hung operations returned) and then a probe succeeds."""
+        with self._lock:
+            self._hold = (reason, until)
+            self._set(DomainStatus(valid=False, reason=reason, checked_at=time.monotonic(),
+                                   delay=self._status.delay))
+
     def _check(self) -> float:
         """Run one check; the seconds until the next one."""
         try:
@@ -147,8 +158,10 @@ class DomainMonitor:
             return self._prober_failed(e)
         self._unchecked_since = None
         self._trouble.reset()
-        self._set(DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
-                               delay=delay))
+        with self._lock:
+            ok, reason = self._apply_hold(ok, reason)
+            self._set(DomainStatus(valid=ok, reason=reason, checked_at=time.monotonic(),
+                                   delay=delay))
         return self._interval
 
     def _prober_failed(self, error: Exception) -> float:
@@ -162,13 +175,23 @@ class DomainMonitor:
             retry = min(retry, left)   # at the latest when the grace ends: the verdict is on time
         survived(self._thread.name, f"cannot check domain {self.sd_uuid}", retry)
         if left <= 0:
-            self._set(DomainStatus(
-                valid=False, checked_at=now,
-                reason=f"cannot check the domain for {unchecked:.1f}s: "
-                       f"{type(error).__name__}: {error}"))
+            with self._lock:
+                self._set(DomainStatus(
+                    valid=False, checked_at=now,
+                    reason=f"cannot check the domain for {unchecked:.1f}s: "
+                           f"{type(error).__name__}: {error}"))
         return retry
 
+    def _apply_hold(self, ok: bool, reason: str) -> tuple[bool, str]:
+        if ok and self._hold is not None:
+            held, until = self._hold
+            if not until():
+                return False, held
+            self._hold = None
+        return ok, reason
+
     def _set(self, status: DomainStatus) -> None:
+        """Under self._lock: listeners see the changes in the order they happened."""
         old, self._status = self._status, status
         if old.valid is not status.valid:
             log.info("domain %s became %s%s", self.sd_uuid,

@@ -2,16 +2,28 @@
 
 One function per command, argv lists (no shell), JSON output parsed; failures
 become QemuImgError naming the command and qemu-img's own message.
+
+Every command has a deadline: the time left to the storage operation it runs
+in (vmhost.storage.executor.remaining), else DEFAULT_TIMEOUT. Past it the child
+is killed (SIGKILL ends a wait on NFS or FUSE); a child that still does not
+exit is left to a reaper thread, so the caller never waits on it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
+import threading
 from typing import Any
+
+from vmhost.storage import executor
+
+log = logging.getLogger(__name__)
 
 QEMU_IMG = "qemu-img"
 QEMU_IO = "qemu-io"
 DEFAULT_TIMEOUT = 600
+KILL_GRACE = 1.0            # seconds to wait for a killed child before leaving it to a reaper
 
 
 class QemuImgError(Exception):
@@ -20,11 +32,33 @@ class QemuImgError(Exception):
         super().__init__(f"{cmd[0]} {cmd[1]} failed (rc={rc}): {self.err}")
 
 
-def _run(cmd: list[str], timeout: float = DEFAULT_TIMEOUT) -> str:
+class QemuImgTimeout(QemuImgError):
+    """The command did not finish by its deadline and was killed."""
+
+
+def _spawn(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run cmd to completion within its deadline (see the module docstring)."""
+    limit = executor.remaining(DEFAULT_TIMEOUT)
+    if timeout is not None:
+        limit = min(limit, timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        raise QemuImgError(cmd, -1, f"timed out after {timeout}s") from e
+        out, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.communicate(timeout=KILL_GRACE)    # reaps it and closes the pipes
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) does not exit after SIGKILL; reaping it later",
+                        " ".join(cmd[:2]), proc.pid)
+            threading.Thread(target=proc.communicate, daemon=True,
+                             name=f"reap/{proc.pid}").start()
+        raise QemuImgTimeout(cmd, -9, f"timed out after {limit:g}s, killed") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _run(cmd: list[str], timeout: float | None = None) -> str:
+    p = _spawn(cmd, timeout)
     if p.returncode != 0:
         raise QemuImgError(cmd, p.returncode, p.stderr or p.stdout)
     return p.stdout
@@ -51,7 +85,7 @@ def create(path: str, fmt: str, size: int | None = None, backing: str | None = N
 
 
 def info(path: str, backing_chain: bool = False, force_share: bool = True,
-         timeout: float = DEFAULT_TIMEOUT) -> Any:
+         timeout: float | None = None) -> Any:
     """`qemu-img info --output json`; a list (top first) with backing_chain."""
     cmd = [QEMU_IMG, "info", "--output", "json"]
     if force_share:
@@ -70,7 +104,7 @@ def measure(path: str, out_fmt: str = "qcow2", base: str | None = None) -> dict:
 def check(path: str) -> dict:
     """`qemu-img check`; returns the JSON report (rc 2/3 = corruption/leaks still report)."""
     cmd = [QEMU_IMG, "check", "--output", "json", "-U", path]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
+    p = _spawn(cmd)
     if p.returncode not in (0, 2, 3) or not p.stdout.strip():
         raise QemuImgError(cmd, p.returncode, p.stderr)
     return json.loads(p.stdout)
@@ -104,7 +138,7 @@ def compare(a: str, b: str, strict: bool = False) -> bool:
     if strict:
         cmd.append("-s")
     cmd += [a, b]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=DEFAULT_TIMEOUT)
+    p = _spawn(cmd)
     if p.returncode in (0, 1):
         return p.returncode == 0
     raise QemuImgError(cmd, p.returncode, p.stderr)

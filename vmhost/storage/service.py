@@ -3,21 +3,28 @@
 Keeps the registry of connected domains (a local file in the state dir, so
 finding a domain never touches the storage itself), one monitor per domain,
 per-image locks, and turns domain/image operations into API dictionaries.
+
+Every operation that touches a domain's files runs on that domain's bounded
+executor under a deadline (`@_on_domain`, see vmhost/storage/executor.py):
+past it the caller gets StorageDomainUnavailable naming the domain, and the
+domain turns INVALID until the hung operations return and a probe succeeds.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator, TypeVar
 
 from vmhost import errors
 from vmhost.fsutil import atomic_write
 from vmhost.ids import BLANK_UUID, check_uuid
 from vmhost.refs import PreparedImage, VolumeRef
-from vmhost.storage import qemu_img
+from vmhost.storage import executor, qemu_img
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
@@ -34,20 +41,39 @@ MAX_VOLUME_SIZE = 1 << 50     # 1 PiB: far beyond any disk, far below qemu-img's
 
 VolumeInUse = Callable[[str, str, str], bool]
 DomainListener = Callable[[str, bool, str], None]
+F = TypeVar("F", bound=Callable)
+T = TypeVar("T")
+
+
+def _on_domain(method: F) -> F:
+    """Run the method on its domain's executor (the first argument, sd_uuid,
+    names the domain) under the storage deadline: see StorageService._run."""
+    @functools.wraps(method)
+    def wrapper(self: "StorageService", sd_uuid: str, *args, **kwargs):
+        ids = [a for a in (*args, *kwargs.values()) if isinstance(a, str)][:2]
+        what = f"{method.__name__}({', '.join(ids)})"
+        return self._run(sd_uuid, what, lambda: method(self, sd_uuid, *args, **kwargs))
+    return wrapper  # type: ignore[return-value]
 
 
 class StorageService:
     def __init__(self, state_dir: str, monitor_interval: float = 5.0,
                  monitor_timeout: float = 10.0,
-                 volume_in_use: VolumeInUse = lambda sd, img, vol: False):
+                 volume_in_use: VolumeInUse = lambda sd, img, vol: False,
+                 op_timeout: float = 30.0, workers: int = 4, queue_size: int = 16):
         self._registry_path = os.path.join(state_dir, "domains.json")
         self._interval = monitor_interval
         self._timeout = monitor_timeout
+        self._op_timeout = op_timeout
+        self._workers, self._queue_size = workers, queue_size
         self.volume_in_use = volume_in_use
         self._lock = threading.Lock()
-        self._image_locks: dict[tuple[str, str], threading.Lock] = {}
+        # image -> [lock, users]: an entry lives only while someone uses it.
+        self._image_locks: dict[tuple[str, str], list] = {}
         self._domains: dict[str, StorageDomain] = {}
         self._monitors: dict[str, DomainMonitor] = {}
+        self._executors: dict[str, executor.DomainExecutor] = {}
+        self._executors_lock = threading.Lock()
         self._listeners: list[DomainListener] = []
         for manifest in self._load_registry():
             self._domains[manifest.uuid] = FileStorageDomain(manifest)
@@ -62,6 +88,8 @@ class StorageService:
     def stop(self) -> None:
         for mon in self._monitors.values():
             mon.stop()
+        for ex in self._executors.values():
+            ex.close()
 
     def subscribe(self, listener: DomainListener) -> None:
         """listener(sd_uuid, valid, reason) on every domain status change."""
@@ -77,6 +105,44 @@ class StorageService:
                             self._timeout, self._notify)
         self._monitors[sd_uuid] = mon
         mon.start()
+
+    # --- deadlines ------------------------------------------------------------
+
+    def _executor(self, sd_uuid: str) -> executor.DomainExecutor:
+        with self._executors_lock:      # not self._lock: create_domain holds that one
+            ex = self._executors.get(sd_uuid)
+            if ex is None:
+                ex = self._executors[sd_uuid] = executor.DomainExecutor(
+                    sd_uuid, self._workers, self._queue_size,
+                    on_drained=lambda: self._drained(sd_uuid))
+            return ex
+
+    def _run(self, sd_uuid: str, what: str, fn: Callable[[], T]) -> T:
+        """fn() on the domain's executor within the storage deadline. Past it:
+        StorageDomainUnavailable naming the domain, and the domain INVALID
+        until the hung operations return and a probe succeeds."""
+        self.domain(sd_uuid)     # validates the id; 358 for an unknown domain
+        ex = self._executor(sd_uuid)
+        try:
+            return ex.run(what, fn, self._op_timeout)
+        except executor.Timeout as e:
+            reason = (f"storage domain {sd_uuid} did not answer: {e}; it is INVALID until "
+                      "the operation returns")
+            self._mark_invalid(sd_uuid, reason, ex)
+        except executor.Exhausted as e:
+            reason = f"storage domain {sd_uuid} is not answering: {e}"
+        raise errors.StorageDomainUnavailable(reason)
+
+    def _mark_invalid(self, sd_uuid: str, reason: str, ex: executor.DomainExecutor) -> None:
+        log.warning("%s", reason)
+        mon = self._monitors.get(sd_uuid)
+        if mon is not None:
+            mon.mark_invalid(reason, until=lambda: not ex.stuck())
+
+    def _drained(self, sd_uuid: str) -> None:
+        mon = self._monitors.get(sd_uuid)
+        if mon is not None:
+            mon.check_now()     # VALID again as soon as a probe says so
 
     def _notify(self, sd_uuid: str, valid: bool, reason: str) -> None:
         for listener in list(self._listeners):
@@ -112,9 +178,28 @@ class StorageService:
         check_uuid(img_uuid, "imageID")
         return Image(self.domain(sd_uuid), img_uuid)
 
-    def _image_lock(self, sd_uuid: str, img_uuid: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _image_lock(self, sd_uuid: str, img_uuid: str) -> Iterator[None]:
+        """The image's lock, waited for no longer than the operation's deadline
+        (its holder may be parked on a hung domain)."""
+        key = (sd_uuid, img_uuid)
         with self._lock:
-            return self._image_locks.setdefault((sd_uuid, img_uuid), threading.Lock())
+            entry = self._image_locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(timeout=executor.remaining(-1)):
+                raise errors.StorageDomainUnavailable(
+                    f"image {img_uuid} of storage domain {sd_uuid} is still locked by an "
+                    "operation that did not finish in time")
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._image_locks[key]
 
     # --- domains ------------------------------------------------------------
 
@@ -128,12 +213,22 @@ class StorageService:
         with self._lock:
             if sd_uuid in self._domains:
                 raise errors.StorageDomainAlreadyExists(sd_uuid)
-            dom = FileStorageDomain.create(type_args, sd_uuid, name)
+            dom = self._create_on_storage(sd_uuid, type_args, name)
             self._domains[sd_uuid] = dom
             self._save_registry()
         self._start_monitor(sd_uuid)
         return self.domain_info(sd_uuid)
 
+    def _create_on_storage(self, sd_uuid: str, type_args: str, name: str) -> StorageDomain:
+        try:
+            return self._executor(sd_uuid).run(
+                f"create domain at {type_args}",
+                lambda: FileStorageDomain.create(type_args, sd_uuid, name), self._op_timeout)
+        except (executor.Timeout, executor.Exhausted) as e:
+            raise errors.StorageDomainCreationError(
+                f"{type_args} does not answer: {e}") from None
+
+    @_on_domain
     def domain_info(self, sd_uuid: str) -> dict:
         dom = self.domain(sd_uuid)
         m = dom.manifest
@@ -155,9 +250,11 @@ class StorageService:
 
     # --- volumes ----------------------------------------------------------------
 
+    @_on_domain
     def list_volumes(self, sd_uuid: str, img_uuid: str) -> list[str]:
         return self._image(sd_uuid, img_uuid).domain.volumes(img_uuid)
 
+    @_on_domain
     def create_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str, size: int,
                       vol_format: str | int, preallocate: str | int = "SPARSE",
                       disk_type: str = "DATA", desc: str = "",
@@ -187,10 +284,12 @@ class StorageService:
             md = image.create_volume(vol_uuid, size, fmt, prealloc, disk_type, desc, parent)
         return self._volume_dict(image, md)
 
+    @_on_domain
     def volume_info(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> dict:
         image = self._image(sd_uuid, img_uuid)
         return self._volume_dict(image, image.volume(check_uuid(vol_uuid, "volumeID")))
 
+    @_on_domain
     def delete_volume(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> None:
         """Idempotent: a volume already gone succeeds (the engine retries a
         delete it got no answer for), see Image.delete_volume."""
@@ -200,9 +299,11 @@ class StorageService:
             image.delete_volume(vol_uuid,
                                 lambda vol: self.volume_in_use(sd_uuid, img_uuid, vol))
 
+    @_on_domain
     def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
         return self._image(sd_uuid, img_uuid).chain(check_uuid(leaf_uuid, "volumeID"))
 
+    @_on_domain
     def prepare_image(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
                       allow_illegal: bool = False) -> PreparedImage:
         """The chain a VM will run on, base first; refuses ILLEGAL volumes."""
@@ -217,6 +318,7 @@ class StorageService:
                 for md in chain]
         return PreparedImage(chain=refs, format=chain[-1].format.qemu)
 
+    @_on_domain
     def sync_volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
                           actual: list[str]) -> str:
         """Storage half of a chain sync (see Image.sync_chain); returns the case."""
@@ -228,12 +330,14 @@ class StorageService:
         log.info("image %s: chain sync from %s to %s: %s", img_uuid, leaf_uuid, actual, case)
         return case
 
+    @_on_domain
     def finish_merge(self, sd_uuid: str, img_uuid: str, base: str, merged: list[str],
                      capacity: int, base_is_leaf: bool) -> None:
         image = self._image(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             image.finish_merge(base, merged, capacity, base_is_leaf)
 
+    @_on_domain
     def reconcile_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[str]:
         """Offline repair of an image no VM runs (VDSM's reconcileVolumeChain):
         the chain is what the qcow2 headers say, walked from `leaf_uuid`;
@@ -261,6 +365,7 @@ class StorageService:
         log.info("image %s reconciled from %s: %s (%s)", img_uuid, leaf_uuid, chain, case)
         return chain
 
+    @_on_domain
     def repair_after_merge(self, sd_uuid: str, img_uuid: str, walk_from: str, base: str,
                            merged: list[str], capacity: int) -> list[str]:
         """The storage work a merge job owes after its VM went away
