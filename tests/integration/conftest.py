@@ -351,7 +351,8 @@ def hung_env(workdir, libvirtd):
         os.chmod(fs.source, 0o755)
         normal_root = os.path.join(workdir, "storage")
         os.makedirs(normal_root, mode=0o755)
-        agent = AgentProcess(state, extra_args=["--monitor-interval", "0.5", "--config", config])
+        agent = AgentProcess(state, extra_args=["--monitor-interval", "0.5", "--final-job-ttl", "0",
+                                                "--config", config])
         agent.start().wait_ready()
         conn = libvirt.open("qemu:///system")
         h = HungEnv(frozen=Env(agent, str(uuid.uuid4()), fs.mountpoint, conn),

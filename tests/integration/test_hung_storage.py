@@ -115,3 +115,33 @@ def test_frozen_metadata_fails_its_calls_by_deadline_and_spares_everything_else(
                          volumeID=vol)
     assert info["uuid"] == vol and info["legality"] == "LEGAL"
     assert h.frozen.call("VM.getStats", vmID=vm_frozen)[0]["status"] == "Up"
+
+
+def test_merge_cleanup_on_a_frozen_domain_waits_and_completes(hung_env, workdir):
+    """The metadata freezes while a merge's cleanup writes it: the job's
+    storage call fails by its deadline (never under the VM's lock), the VM
+    answers at once throughout, and after release the merge completes and the
+    four views agree."""
+    from scenario import build, merge
+    h = hung_env
+    env = h.frozen
+    vm, img, chain, g = build(env, workdir)
+    job = merge(env, vm, img, chain, chain[0], chain[2], bandwidth=1)
+    wait_for(lambda: int(env.vm_jobs(vm).get(job, {}).get("cur", "0")), 20, "progress")
+    with h.fs.frozen(*freezefs.METADATA):
+        # QEMU finishes the commit through its open files; the cleanup's
+        # metadata write hangs and fails by the deadline.
+        wait_for(lambda: any(f"{img}/" in path and path.endswith(".meta")
+                             for _, path in h.fs.blocked()), 60,
+                 "the cleanup's metadata access to hang")
+        for _ in range(3):
+            stats = assert_fast(env, "VM.getStats", vmID=vm)[0]
+            assert stats["status"] == "Up" and job in stats["vmJobs"]
+            assert_fast(env, "Host.getAllVmStats")
+        wait_for(lambda: not h.valid(env), HUNG_OP_TIMEOUT + 5, "the domain INVALID")
+        pending = [p for p in assert_fast(env, "Host.getPendingWork") if job in p["key"]]
+        assert pending and (pending[0]["requires"] or env.sd in pending[0]["reason"])
+    wait_for(lambda: h.valid(env), 30, "the domain VALID after release")
+    assert env.job_outcome(vm, job, 60)["state"] == "DONE"
+    assert env.assert_four_views(vm, img) == [chain[0], chain[3]]
+    g.assert_intact(img)
