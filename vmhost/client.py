@@ -88,9 +88,9 @@ class Client:
         if parts.scheme in _TLS_SCHEMES:
             self._ssl_context = client_context(tls_cert, tls_key, tls_ca)
         elif tls_cert or tls_key or tls_ca:
-            secure = "stomps" if parts.scheme == "stomp" else "https"
+            secure = "a stomps" if parts.scheme == "stomp" else "an https"
             raise ValueError(f"TLS certificates given for the plain URL {url!r}; "
-                             f"use a {secure}:// URL")
+                             f"use {secure}:// URL")
         self.url = url
         self._scheme = parts.scheme
         self._host = parts.hostname
