@@ -120,6 +120,11 @@ class StompConnection:
 
     def close(self) -> None:
         try:
+            # Wakes a thread blocked reading it (close alone does not).
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
             self._sock.close()
         except OSError:
             pass
