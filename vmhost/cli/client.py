@@ -197,7 +197,8 @@ def _check_tls_options(parser: argparse.ArgumentParser, args: argparse.Namespace
         if not getattr(args, attr):
             missing.append(f"--{option}")
     if missing:
-        parser.error(f"an {scheme} URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT, "
+        article = "an" if scheme == "https" else "a"
+        parser.error(f"{article} {scheme} URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT, "
                      f"VMHOST_TLS_KEY, VMHOST_TLS_CA in the environment); missing "
                      f"{', '.join(missing)}")
 
