@@ -14,8 +14,8 @@ shared machine is allowed 10 %, so <= 1.1 passes).
 from __future__ import annotations
 
 import argparse
-import time
 
+from api import latencies
 from common import (Bench, default_out_dir, fmt_ms, host_facts, log, main_guard, md_table,
                     percentile, save_result, verdict)
 from vmhost.client import Client
@@ -28,19 +28,13 @@ TOLERANCE = 1.1
 def measure(clients: dict[str, Client], calls: int, block: int = 50) -> dict:
     """{transport: {verb: [seconds]}}, alternating blocks of `block` calls."""
     times: dict[str, dict[str, list[float]]] = {t: {v: [] for v in VERBS} for t in TRANSPORTS}
-    for client in clients.values():  # warm-up: connections open, caches hot
+    for transport, client in clients.items():  # warm-up: connections open, caches hot
         for verb in VERBS:
-            for _ in range(20):
-                client.call(verb)
+            latencies(client, verb, 0)
     for _ in range(0, calls, block):
         for verb in VERBS:
             for transport in TRANSPORTS:
-                client = clients[transport]
-                out = times[transport][verb]
-                for _ in range(block):
-                    started = time.perf_counter()
-                    client.call(verb)
-                    out.append(time.perf_counter() - started)
+                times[transport][verb] += latencies(clients[transport], verb, block, warmup=0)
     return times
 
 

@@ -7,11 +7,15 @@ import queue
 import socket
 import time
 
+import pytest
 import stomp
 
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
+from vmhost.api.tls import server_context
+from vmhost.cli import pki
+from vmhost.events import EventBus
 from vmhost.api.transport.frames import SERVER_COMMANDS, Frame, FrameLimits, Parser, encode
 
 VM = "11111111-1111-4111-8111-111111111111"
@@ -28,6 +32,33 @@ def make_server(bus=None, **kwargs) -> ApiServer:
     server = ApiServer(("127.0.0.1", 0), Dispatcher(load_schema(), table()), events=bus, **kwargs)
     server.start()
     return server
+
+
+# Fixtures, imported by the test modules that use them.
+
+@pytest.fixture
+def bus():
+    return EventBus()
+
+
+@pytest.fixture
+def server(bus):
+    server = make_server(bus)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return pki.init(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture
+def tls_server(bus, certs):
+    server = make_server(bus, ssl_context=server_context(certs["server_cert"], certs["server_key"],
+                                                         certs["ca"]))
+    yield server
+    server.stop()
 
 
 def request(method: str, params: dict | None = None, id: int = 1) -> dict:

@@ -13,38 +13,11 @@ import stomp
 
 from stomphelpers import (STATS, VM, Collector, RawStomp, call, connected_stomp_py, make_server,
                           request)
+from stomphelpers import bus, certs, server, tls_server  # noqa: F401 (fixtures)
 from vmhost.api.transport import stomp as stomp_module
-from vmhost.cli import pki
-from vmhost.events import EventBus
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 SD = "22222222-2222-4222-8222-222222222222"
-
-
-@pytest.fixture
-def bus():
-    return EventBus()
-
-
-@pytest.fixture
-def server(bus):
-    server = make_server(bus)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return pki.init(str(tmp_path_factory.mktemp("pki")))
-
-
-@pytest.fixture
-def tls_server(bus, certs):
-    from vmhost.api.tls import server_context
-    server = make_server(bus, ssl_context=server_context(certs["server_cert"], certs["server_key"],
-                                                         certs["ca"]))
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -7,38 +7,11 @@ import socket
 import pytest
 
 from stomphelpers import STATS, VM, make_server
-from vmhost.api.tls import server_context
+from stomphelpers import bus, certs, server, tls_server  # noqa: F401 (fixtures)
 from vmhost.cli import client as cli
-from vmhost.cli import pki
 from vmhost.client import Client, RpcError, TransportError
-from vmhost.events import EventBus
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
-
-
-@pytest.fixture
-def bus():
-    return EventBus()
-
-
-@pytest.fixture
-def server(bus):
-    server = make_server(bus)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return pki.init(str(tmp_path_factory.mktemp("pki")))
-
-
-@pytest.fixture
-def tls_server(bus, certs):
-    server = make_server(bus, ssl_context=server_context(certs["server_cert"], certs["server_key"],
-                                                         certs["ca"]))
-    yield server
-    server.stop()
 
 
 @pytest.fixture
