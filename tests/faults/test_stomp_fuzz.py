@@ -19,7 +19,9 @@ its log holds no traceback (no unexpected exception in any connection).
 
 Size: VMHOST_FUZZ_STOMP_FRAMES fuzzed frames, else VMHOST_FUZZ_REQUESTS
 (`make faults` sets it to 10000), else 1500 so that `make test` runs a
-fast subset. VMHOST_FUZZ_SEED sets the seed.
+fast subset. VMHOST_FUZZ_SEED sets the seed. The counts go to
+reports/stomp-fuzz.json in the full run (/var/tmp/vmhost-tests/ in the fast
+one).
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ CONNECTION_DEADLINE = 15.0
 PING_EVERY = 200
 PING_DEADLINE = 10.0
 MAX_BODY = 1 << 20  # the agent's default max_request_bytes
+ROOT = os.path.dirname(os.path.dirname(HERE))
+REPORT = (os.path.join(ROOT, "reports", "stomp-fuzz.json") if os.environ.get("VMHOST_FUZZ_REQUESTS")
+          else os.path.join(TEST_BASE, "stomp-fuzz-fast.json"))
 
 REQUESTS = "jms.topic.vdsm_requests"
 HARMLESS = ["Host.ping", "Host.ping2", "Host.getVMList", "Host.getAllVmStats",
@@ -251,5 +256,9 @@ def test_fuzzed_stomp_frames(workdir):
     with open(agent.log_path, errors="replace") as f:
         log = f.read()
     assert "Traceback" not in log, log[log.find("Traceback") - 500:][:3000]
+    os.makedirs(os.path.dirname(REPORT), exist_ok=True)
+    with open(REPORT, "w") as f:
+        json.dump({"frames": sent, "connections": connections, "seed": SEED, "answers": counts,
+                   "crashed": False, "hung": False}, f, indent=1)
     print(f"\nSTOMP fuzz: {sent} frames on {connections} connections, seed {SEED}; "
           f"answers: {json.dumps(counts, sort_keys=True)}")
