@@ -102,7 +102,7 @@ def test_a_flood_past_the_cap_is_refused_and_ping_goes_on(server):
         assert server.acceptor.open_connections == CAP
         for p in pingers:
             assert p.is_alive() and p.failure is None, p.failure
-            assert p.calls > 0 and p.slowest < 2
+            assert p.calls > 0 and p.slowest < 5
     finally:
         for p in pingers:
             p.stop.set()
