@@ -302,9 +302,10 @@ class _Connection:
                 headers["subscription"] = sid
             self._send("MESSAGE", headers, body)
 
-    def _error(self, message: str, frame: Frame | None = None) -> None:
+    def _error(self, message: str, frame: Frame | None = None,
+               extra: dict[str, str] | None = None) -> None:
         log.info("STOMP: error to %s: %s", self.peer, message)
-        headers = {"message": message[:200], "content-type": "text/plain"}
+        headers = {"message": message[:200], "content-type": "text/plain", **(extra or {})}
         if frame is not None and "receipt" in frame.headers:
             headers["receipt-id"] = frame.headers["receipt"]
         try:
@@ -324,8 +325,8 @@ class _Connection:
         if receipt is not None and frame.command != "DISCONNECT":
             self._send("RECEIPT", {"receipt-id": receipt})
 
-    def _refuse(self, message: str, frame: Frame) -> None:
-        self._error(message, frame)
+    def _refuse(self, message: str, frame: Frame, extra: dict[str, str] | None = None) -> None:
+        self._error(message, frame, extra)
         raise _Closing()
 
     def _on_connect(self, frame: Frame) -> None:
@@ -333,7 +334,7 @@ class _Connection:
             self._refuse("already connected", frame)
         versions = frame.headers.get("accept-version", "1.0").split(",")
         if "1.2" not in (v.strip() for v in versions):
-            self._error_with(frame, "this server speaks STOMP 1.2 only", {"version": "1.2"})
+            self._refuse("this server speaks STOMP 1.2 only", frame, {"version": "1.2"})
         cx, cy = _heart_beat(frame.headers.get("heart-beat", "0,0"), self, frame)
         sx = max(cy, MIN_HEARTBEAT_MS) if cy else 0
         sy = max(cx, MIN_HEARTBEAT_MS) if cx else 0
@@ -343,14 +344,6 @@ class _Connection:
                                  "server": "vmhost"})
 
     _on_stomp = _on_connect
-
-    def _error_with(self, frame: Frame, message: str, headers: dict[str, str]) -> None:
-        try:
-            self._send("ERROR", {"message": message, **headers}, message.encode("utf-8"))
-        except _Closing:
-            pass
-        end_and_drain(self._sock)
-        raise _Closing()
 
     def _on_subscribe(self, frame: Frame) -> None:
         destination, sid = frame.headers.get("destination"), frame.headers.get("id")
