@@ -46,7 +46,6 @@ import socket
 import ssl
 import threading
 import time
-from typing import Any
 
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.notifications import EVENTS_DESTINATION, to_notification
