@@ -12,8 +12,11 @@ import pytest
 import stomp
 
 from stomphelpers import (STATS, VM, RawStomp, call, connected_stomp_py, make_server,
-                          request)
+                          request, table)
 from stomphelpers import bus, certs, server, tls_server  # noqa: F401 (fixtures)
+from vmhost.api.jsonrpc import Dispatcher
+from vmhost.api.schema import load_schema
+from vmhost.api.server import ApiServer
 from vmhost.api.transport import stomp as stomp_module
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
@@ -364,3 +367,36 @@ def test_stop_ends_stomp_connections_at_once(bus):
     server.stop()
     assert raw.closed_within(5)
     assert time.monotonic() - started < 3
+
+
+def test_a_slow_call_does_not_hold_up_the_connection(bus):
+    release = threading.Event()
+
+    def slow(params):
+        release.wait(20)
+        return {"slow": True}
+
+    server = ApiServer(("127.0.0.1", 0), Dispatcher(load_schema(), {
+        **table(), "Host.getCapabilities": slow}), events=bus)
+    server.start()
+    try:
+        raw = RawStomp(server.port)
+        raw.connect()
+        raw.send("SEND", {"destination": "jms.topic.vdsm_requests", "reply-to": "q"},
+                 json.dumps([request("Host.getCapabilities", id=1)]).encode())
+        raw.send("SEND", {"destination": "jms.topic.vdsm_requests", "reply-to": "q"},
+                 json.dumps([request("Host.ping", id=2)]).encode())
+        assert json.loads(raw.frame().body)[0] == {"jsonrpc": "2.0", "id": 2, "result": True}
+        release.set()
+        assert json.loads(raw.frame().body)[0]["result"] == {"slow": True}
+        # DISCONNECT waits for the answers of what was sent before it.
+        release.clear()
+        raw.send("SEND", {"destination": "jms.topic.vdsm_requests", "reply-to": "q"},
+                 json.dumps([request("Host.getCapabilities", id=3)]).encode())
+        raw.send("DISCONNECT", {"receipt": "bye"})
+        threading.Timer(0.3, release.set).start()
+        assert json.loads(raw.frame().body)[0]["id"] == 3
+        assert raw.frame().command == "RECEIPT"
+    finally:
+        release.set()
+        server.stop()

@@ -11,8 +11,13 @@ What a client does (VDSM's `vdsm.client`, the engine, `stomp.py`):
                                                       (vmhost/api/notifications.py)
     DISCONNECT receipt:<r>                         -> RECEIPT receipt-id:<r>, then close
 
-Requests go to the one Dispatcher (the same as HTTP's), one at a time per
-connection, in the connection's thread. A SEND without reply-to is answered
+Requests go to the one Dispatcher (the same as HTTP's) on a pool of
+MAX_WORKERS threads shared by all STOMP connections, as VDSM runs them on
+its executor: one connection (an engine uses one for everything) is not
+held up by a slow call, e.g. one waiting on a hung storage domain, and its
+answers may come in another order than the requests (a client matches them
+by JSON-RPC id). A connection has at most MAX_IN_FLIGHT requests running;
+past that it stops reading until one ends. A SEND without reply-to is answered
 on jms.topic.vdsm_responses (the engine's queue). Any frame with a `receipt`
 header gets its RECEIPT. Protocol errors (malformed or oversized frames, an
 unknown destination, too many subscriptions, transactions, which are not
@@ -46,6 +51,8 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.notifications import EVENTS_DESTINATION, to_notification
@@ -64,6 +71,10 @@ HEARTBEAT_GRACE = 1.5
 CONNECT_TIMEOUT = 10.0
 MAX_SUBSCRIPTIONS = 100
 MAX_OUTBOX = 1000
+MAX_WORKERS = 16
+MAX_IN_FLIGHT = 8
+DISCONNECT_WAIT = 10.0
+_SLOT_CHECK = 0.5
 SEND_TIMEOUT = 30.0
 _READ_SIZE = 1 << 16
 
@@ -78,6 +89,7 @@ class StompProtocol:
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
         self._stopping = False
+        self._workers = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="stomp-call")
         if events is not None:
             events.listen(self._on_event)
 
@@ -101,6 +113,15 @@ class StompProtocol:
             connections = list(self._connections)
         for connection in connections:
             connection.end()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, call: Callable[[], None]) -> bool:
+        """Run `call` on the workers; False once stopped."""
+        try:
+            self._workers.submit(call)
+        except RuntimeError:  # shut down
+            return False
+        return True
 
     def dispatch(self, body: bytes) -> bytes | None:
         try:
@@ -141,6 +162,7 @@ class _Connection:
         self._ended = False
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._message_ids = itertools.count(1)
+        self._in_flight = threading.Semaphore(MAX_IN_FLIGHT)
         self._send_every = 0.0      # seconds; 0: no heart-beats to send
         self._expect_every = 0.0    # seconds; 0: the client sends none
         self._last_sent = self._last_received = time.monotonic()
@@ -203,6 +225,7 @@ class _Connection:
                 data = self._wait_and_read(self._next_timeout(now, connect_deadline))
                 if data == b"":
                     log.debug("STOMP: %s closed the connection", self.peer)
+                    self._finish_calls()  # it may still read (a half-close)
                     return
                 if data is not None:
                     self._received(data)
@@ -371,11 +394,40 @@ class _Connection:
         if destination not in REQUEST_DESTINATIONS:
             self._refuse(f"unknown destination {str(destination)[:80]!r}: send JSON-RPC requests "
                          f"to {' or '.join(sorted(REQUEST_DESTINATIONS))}", frame)
-        answer = self._protocol.dispatch(frame.body)
-        if answer is not None:
-            self._message(frame.headers.get("reply-to") or DEFAULT_REPLY_TO, answer)
+        reply_to = frame.headers.get("reply-to") or DEFAULT_REPLY_TO
+        body = frame.body
+        # Past MAX_IN_FLIGHT: wait, reading nothing more (until stop()).
+        while not self._in_flight.acquire(timeout=_SLOT_CHECK):
+            with self._lock:
+                if self._ended:
+                    raise _Closing()
+
+        def call() -> None:
+            try:
+                answer = self._protocol.dispatch(body)
+            finally:
+                self._in_flight.release()
+            if answer is not None:
+                self.offer(reply_to, answer)
+
+        if not self._protocol.submit(call):
+            self._in_flight.release()
+            raise _Closing()
+
+    def _finish_calls(self) -> None:
+        """Send the answers to the requests still running (waiting at most
+        DISCONNECT_WAIT for them)."""
+        deadline = time.monotonic() + DISCONNECT_WAIT
+        taken = 0
+        while taken < MAX_IN_FLIGHT and self._in_flight.acquire(
+                timeout=max(0.0, deadline - time.monotonic())):
+            taken += 1
+        for _ in range(taken):
+            self._in_flight.release()
+        self._flush()
 
     def _on_disconnect(self, frame: Frame) -> None:
+        self._finish_calls()  # their answers come before the receipt
         receipt = frame.headers.get("receipt")
         if receipt is not None:
             self._send("RECEIPT", {"receipt-id": receipt})
