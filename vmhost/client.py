@@ -33,6 +33,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import json
+import socket
 import ssl
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -157,7 +158,7 @@ class Client:
             _refused_stream(conn, response, self.events_url)
         if sock is not None:
             sock.settimeout(timeout)  # from now on: the wait for the next line
-        return EventStream(conn, response, self.events_url, timeout)
+        return EventStream(conn, response, self.events_url, timeout, sock)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -331,8 +332,9 @@ class EventStream(Iterator[dict]):
     (keepalives) are skipped; `last_id` is the id of the last event read."""
 
     def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-                 url: str, timeout: float | None):
+                 url: str, timeout: float | None, sock: socket.socket | None = None):
         self._conn: http.client.HTTPConnection | None = conn
+        self._sock = sock
         self._response = response
         self.url = url
         self._timeout = timeout
@@ -363,6 +365,11 @@ class EventStream(Iterator[dict]):
         # Take the connection first: a reader thread may close concurrently.
         conn, self._conn = self._conn, None
         if conn is not None:
+            if self._sock is not None:
+                try:  # wakes a thread blocked reading the stream (close alone does not)
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             # The response holds the socket: for a Connection: close answer,
             # http.client hands it from the connection to the response.
             self._response.close()
