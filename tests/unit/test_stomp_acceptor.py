@@ -11,7 +11,7 @@ import time
 import pytest
 
 from stomphelpers import RawStomp, make_server, request
-from vmhost.api.transport import acceptor as acceptor_module
+from vmhost.api.transport import refusal
 from vmhost.client import Client
 from vmhost.events import EventBus
 
@@ -119,7 +119,7 @@ def test_a_flood_past_the_cap_is_refused_and_ping_goes_on(server):
 
 
 def test_refusals_past_the_cap_are_bounded(server, monkeypatch):
-    monkeypatch.setattr(acceptor_module, "MAX_REFUSING", 4)
+    monkeypatch.setattr(refusal, "MAX_REFUSING", 4)
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(CAP)]
     wait_for(lambda: server.acceptor.open_connections == CAP)
     # Silent connections past the cap: at most 4 wait for their refusal,
@@ -128,7 +128,7 @@ def test_refusals_past_the_cap_are_bounded(server, monkeypatch):
     try:
         closed = 0
         for sock in extra:
-            sock.settimeout(acceptor_module.REFUSE_WAIT + 5)
+            sock.settimeout(refusal.REFUSE_WAIT + 5)
             try:
                 if sock.recv(100) == b"":
                     closed += 1

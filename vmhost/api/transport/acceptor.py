@@ -20,7 +20,8 @@ a connection gets no thread: one refuser thread for all of them waits
 briefly for their first bytes, answers in their protocol (HTTP 503 or a
 STOMP ERROR frame, both saying the limit was reached; a TLS client is
 just closed: a handshake to say so would cost what the cap saves) and
-closes them. At most MAX_REFUSING wait at a time; more are closed at once.
+closes them (transport/refusal.py). At most MAX_REFUSING wait at a time;
+more are closed at once.
 So a flood costs a bounded number of threads and file descriptors, and
 connections already open keep being served.
 """
@@ -28,14 +29,14 @@ from __future__ import annotations
 
 import logging
 import select
-import selectors
 import socket
 import ssl
 import threading
 import time
 from typing import Any, Protocol
 
-from vmhost.api.jsonrpc import INVALID_REQUEST, encode_error
+from vmhost.api.transport.refusal import (LINGER_SECONDS, STOMP_COMMANDS, TLS_HANDSHAKE_RECORD,
+                                          Refuser, end_and_drain, http_refusal, stomp_refusal)
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,8 @@ HANDSHAKE_TIMEOUT = 10.0
 FIRST_BYTES_TIMEOUT = 30.0
 # Bytes read at most to tell STOMP from HTTP (heart-beat EOLs included).
 _DETECT_LIMIT = 1024
-# First byte of a TLS connection: a handshake record.
-_TLS_HANDSHAKE_RECORD = 0x16
-# After refusing, discard the client's input for at most this long / this
-# much before closing (closing with unread input resets the connection,
-# which can destroy the answer before the client reads it).
-LINGER_SECONDS = 2.0
-LINGER_BYTES = 64 << 20
-# Connections past the cap waiting for their refusal, at most.
-MAX_REFUSING = 64
-REFUSE_WAIT = 2.0
 # How often the accept loop looks for a stop request.
 _POLL_INTERVAL = 0.1
-STOMP_COMMANDS = (b"CONNECT", b"STOMP")
 
 
 class ConnectionProtocol(Protocol):
@@ -92,7 +82,7 @@ class Acceptor:
         self._open = 0                                 # slots taken, <= max_connections
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._refuser = _Refuser(ssl_context is not None)
+        self._refuser = Refuser(ssl_context is not None)
 
     @property
     def port(self) -> int:
@@ -212,7 +202,7 @@ class Acceptor:
         if not first:
             log.debug("TLS: %s closed without a handshake", who)
             return None, conn
-        if first[0] != _TLS_HANDSHAKE_RECORD:
+        if first[0] != TLS_HANDSHAKE_RECORD:
             if first.isalpha():  # a request line (GET, POST, ...) or a STOMP CONNECT
                 log.warning("TLS: refused plain text from %s on the TLS port", who)
                 _answer_plain(conn)
@@ -339,18 +329,6 @@ _PLAIN_STOMP_MESSAGE = ("this agent speaks STOMP over TLS only, with client cert
                         "(mutual TLS): use a stomps:// URL with --tls-cert, --tls-key and --tls-ca")
 
 
-def http_refusal(status: str, message: str) -> bytes:
-    body = encode_error(INVALID_REQUEST, message)
-    return (f"HTTP/1.1 {status}\r\nServer: vmhost\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("ascii") + body
-
-
-def stomp_refusal(message: str) -> bytes:
-    from vmhost.api.transport.frames import encode  # noqa: PLC0415 (keeps the import graph flat)
-    return encode("ERROR", {"message": message, "content-type": "text/plain"},
-                  message.encode("utf-8"))
-
-
 def _answer_plain(sock: socket.socket) -> None:
     """Plain text on the TLS port: say why it is refused, in the client's
     protocol, then close (after draining: see end_and_drain)."""
@@ -364,153 +342,3 @@ def _answer_plain(sock: socket.socket) -> None:
     except OSError:
         return
     end_and_drain(sock)
-
-
-def end_and_drain(sock: socket.socket) -> None:
-    """Signal the end of what we sent, then discard the client's input
-    until it closes, for at most LINGER_SECONDS / LINGER_BYTES. On the plain
-    socket, also under a TLS socket whose session failed: nothing more is
-    said in TLS."""
-    deadline = time.monotonic() + LINGER_SECONDS
-    drained = 0
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        while drained < LINGER_BYTES and (left := deadline - time.monotonic()) > 0:
-            if not poller.poll(left * 1000):
-                break
-            try:
-                chunk = socket.socket.recv(sock, 1 << 16, socket.MSG_DONTWAIT)
-            except BlockingIOError:  # woken for nothing
-                continue
-            if not chunk:
-                break
-            drained += len(chunk)
-    except OSError:  # reset by the client, or stop() shut the socket
-        pass
-
-
-class _Refuser:
-    """Refuses connections past the cap, all in one thread, without
-    blocking on any of them (see the module docstring)."""
-
-    def __init__(self, tls: bool):
-        self._tls = tls
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._lock = threading.Lock()
-        self._incoming: list[tuple[socket.socket, str]] = []
-        self._pending: dict[socket.socket, float] = {}   # socket -> deadline
-        self._answered: set[socket.socket] = set()       # draining after the answer
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.refused = 0
-        self._last_log = 0.0
-        self._message = ""
-
-    def refuse(self, conn: socket.socket, who: str, cap: int) -> None:
-        self.refused += 1
-        now = time.monotonic()
-        if now - self._last_log >= 10:
-            self._last_log = now
-            log.warning("connection limit of %d reached: refusing %s (%d refused so far)",
-                        cap, who, self.refused)
-        self._message = (f"too many connections: the agent serves at most {cap} at a time; "
-                         "try again later")
-        with self._lock:
-            if self._stopping or len(self._incoming) + len(self._pending) >= MAX_REFUSING:
-                full = True
-            else:
-                full = False
-                self._incoming.append((conn, who))
-            if not full and self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="api-refuser", daemon=True)
-                self._thread.start()
-        if full:
-            conn.close()
-            return
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            thread = self._thread
-        try:
-            self._wake_w.send(b"x")
-        except OSError:
-            pass
-        if thread is not None:
-            thread.join()
-        for sock in [*self._pending, *(s for s, _ in self._incoming)]:
-            sock.close()
-        self._pending.clear()
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                if self._stopping:
-                    return
-                incoming, self._incoming = self._incoming, []
-            for conn, _ in incoming:
-                conn.setblocking(False)
-                self._pending[conn] = time.monotonic() + REFUSE_WAIT
-                self._selector.register(conn, selectors.EVENT_READ)
-            timeout = max(0.0, min(self._pending.values(), default=time.monotonic() + 1)
-                          - time.monotonic())
-            for key, _ in self._selector.select(timeout):
-                if key.fileobj is self._wake_r:
-                    try:
-                        self._wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
-                    continue
-                self._readable(key.fileobj)  # type: ignore[arg-type]
-            now = time.monotonic()
-            for conn in [c for c, deadline in self._pending.items() if deadline <= now]:
-                self._close(conn)
-
-    def _readable(self, conn: socket.socket) -> None:
-        try:
-            if conn in self._answered:
-                if not conn.recv(1 << 16):
-                    self._close(conn)
-                return
-            first = conn.recv(16, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
-            return
-        if not first or (self._tls and first[0] == _TLS_HANDSHAKE_RECORD):
-            self._close(conn)
-            return
-        if first.lstrip(b"\r\n").startswith(STOMP_COMMANDS):
-            answer = stomp_refusal(self._message)
-        else:
-            answer = http_refusal("503 Service Unavailable", self._message)
-        try:
-            conn.send(answer)  # small: fits in the socket buffer
-            conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn)
-            return
-        self._answered.add(conn)
-
-    def _close(self, conn: socket.socket) -> None:
-        self._pending.pop(conn, None)
-        self._answered.discard(conn)
-        try:
-            self._selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.notifications import EVENTS_DESTINATION, to_notification
-from vmhost.api.transport.acceptor import end_and_drain
+from vmhost.api.transport.refusal import end_and_drain
 from vmhost.api.transport.frames import HEARTBEAT, Frame, FrameError, FrameLimits, Parser, encode
 from vmhost.events import EventBus
 
