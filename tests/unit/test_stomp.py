@@ -138,7 +138,11 @@ def test_mutual_tls_calls_and_events(tls_server, certs, bus):
     try:
         conn.subscribe("replies", id="r")
         conn.subscribe("jms.queue.events", id="e", headers={"receipt": "sub"})
-        assert call(conn, listener, [request("Host.ping2")])[0]["result"] is True
+        answer = call(conn, listener, [request("Host.ping2", id=1), request("No.such", id=2),
+                                       request("Host.getAllVmStats", id=3)])
+        by_id = {a["id"]: a for a in answer}
+        assert by_id[1]["result"] is True and by_id[3]["result"] == STATS
+        assert by_id[2]["error"]["code"] == -32601
         wait_for(lambda: stomp_subscribed(tls_server, 1))
         bus.publish({"event": "vm", "vmId": VM, "status": "Up", "pauseCode": "NOERR"})
         event = json.loads(listener.next("jms.queue.events").body)
