@@ -43,7 +43,8 @@ from urllib.parse import urlsplit, urlunsplit
 from vmhost.api.notifications import EVENTS_DESTINATION, from_notification
 from vmhost.api.schema import InvalidParams, Schema, UnknownVerb, load_schema
 from vmhost.api.tls import client_context
-from vmhost.stomp_client import REQUESTS, StompConnection, StompError
+from vmhost.api.transport.frames import Frame
+from vmhost.stomp_client import REQUESTS, StompClosed, StompConnection, StompError
 
 DEFAULT_URL = "http://127.0.0.1:54321/jsonrpc"
 EVENTS_PATH = "/events"
@@ -239,42 +240,56 @@ class Client:
         try:
             return StompConnection(self._host, self._port or 54321, ssl_context=self._ssl_context,
                                    timeout=self._timeout, heart_beat_ms=int(heart_beat * 1000))
-        except StompError as e:
-            raise TransportError(f"cannot talk to {self.url}: {e}") from e
+        except StompClosed as e:  # not a retry on a kept connection: the agent is not there
+            raise StompError(str(e)) from e
 
     def _stomp_post(self, body: bytes) -> Any:
-        if self._stomp is None:
-            conn = self._stomp_connect()
+        for attempt in (1, 2):
+            reused = self._stomp is not None
             try:
-                self._reply_to = f"vmhost-client-{uuid.uuid4()}"  # as VDSM's client does
-                conn.subscribe(self._reply_to)
-            except StompError as e:
-                conn.close()
-                raise TransportError(f"cannot talk to {self.url}: {e}") from e
-            self._stomp = conn
-        conn = self._stomp
-        try:
-            conn.send(REQUESTS, body, reply_to=self._reply_to)
-            while True:  # the answer is the next message to our queue
-                frame = conn.read_frame()
-                if frame.command == "MESSAGE" and frame.headers.get("destination") == self._reply_to:
-                    break
-        except (StompError, TimeoutError) as e:
-            self._stomp = None
-            conn.close()
-            what = e if isinstance(e, StompError) else f"no answer within {self._timeout}s"
-            raise TransportError(f"cannot talk to {self.url}: {what}") from e
+                frame = self._stomp_exchange(body)
+                break
+            except (StompError, TimeoutError) as e:
+                if self._stomp is not None:
+                    self._stomp.close()
+                    self._stomp = None
+                # As over HTTP: a kept connection the agent closed meanwhile
+                # (e.g. it restarted) is opened again, once.
+                if attempt == 1 and reused and isinstance(e, StompClosed):
+                    continue
+                what = e if isinstance(e, StompError) else f"no answer within {self._timeout}s"
+                raise TransportError(f"cannot talk to {self.url}: {what}") from e
         try:
             return json.loads(frame.body)
         except ValueError:
             raise TransportError(f"{self.url}: the answer is not JSON") from None
 
+    def _stomp_exchange(self, body: bytes) -> Frame:
+        if self._stomp is None:
+            conn = self._stomp_connect()
+            try:
+                self._reply_to = f"vmhost-client-{uuid.uuid4()}"  # as VDSM's client does
+                conn.subscribe(self._reply_to)
+            except StompError:
+                conn.close()
+                raise
+            self._stomp = conn
+        conn = self._stomp
+        conn.send(REQUESTS, body, reply_to=self._reply_to)
+        while True:  # the answer is the next message to our queue
+            frame = conn.read_frame()
+            if frame.command == "MESSAGE" and frame.headers.get("destination") == self._reply_to:
+                return frame
+
     def _stomp_events(self, timeout: float | None) -> StompEventStream:
         heart_beat = _EVENT_HEART_BEAT if timeout is None else min(_EVENT_HEART_BEAT, timeout / 3)
-        conn = self._stomp_connect(heart_beat=max(heart_beat, 1.0))
+        try:
+            conn = self._stomp_connect(heart_beat=max(heart_beat, 1.0))
+        except StompError as e:
+            raise TransportError(f"cannot talk to {self.url}: {e}") from e
         try:
             conn.subscribe(EVENTS_DESTINATION)
-        except StompError as e:
+        except (StompError, TimeoutError) as e:
             conn.close()
             raise TransportError(f"cannot subscribe at {self.url}: {e}") from e
         return StompEventStream(conn, self.url, timeout)

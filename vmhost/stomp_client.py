@@ -25,6 +25,10 @@ class StompError(Exception):
     message says which."""
 
 
+class StompClosed(StompError):
+    """The connection ended (closed or reset by the agent) without an ERROR frame."""
+
+
 class StompConnection:
     def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
                  timeout: float | None = 60, heart_beat_ms: int = 0):
@@ -97,9 +101,9 @@ class StompConnection:
             except TimeoutError:
                 raise
             except OSError as e:
-                raise StompError(f"connection broke: {e}") from e
+                raise StompClosed(f"connection broke: {e}") from e
             if not data:
-                raise StompError("the agent closed the connection")
+                raise StompClosed("the agent closed the connection")
             try:
                 self._frames.extend(self._parser.feed(data))
             except FrameError as e:
@@ -137,7 +141,10 @@ class StompConnection:
             # Refused before it read us? Its ERROR frame says why.
             try:
                 self.read_frame(timeout=1)
-            except (StompError, TimeoutError) as refusal:
-                if isinstance(refusal, StompError):
-                    raise refusal from e
-            raise StompError(f"connection broke: {e}") from e
+            except StompClosed:
+                pass
+            except StompError as refusal:
+                raise refusal from e
+            except TimeoutError:
+                pass
+            raise StompClosed(f"connection broke: {e}") from e

@@ -6,8 +6,11 @@ import socket
 
 import pytest
 
-from stomphelpers import STATS, VM, make_server
+from stomphelpers import STATS, VM, make_server, table
 from stomphelpers import bus, certs, server, tls_server  # noqa: F401 (fixtures)
+from vmhost.api.jsonrpc import Dispatcher
+from vmhost.api.schema import load_schema
+from vmhost.api.server import ApiServer
 from vmhost.cli import client as cli
 from vmhost.client import Client, RpcError, TransportError
 
@@ -115,3 +118,22 @@ def test_cli_tls_options_and_stomp_urls(capsys, no_tls_env, certs):
     with pytest.raises(SystemExit):
         cli.main(["--url", "stomp://127.0.0.1:1", "--tls-ca", certs["ca"], "Host", "ping"])
     assert "is plain STOMP" in capsys.readouterr().err
+
+
+def test_a_kept_connection_closed_by_a_restarted_agent_is_opened_again(bus):
+    first = make_server(bus)
+    port = first.port
+    client = Client(f"stomp://127.0.0.1:{port}", timeout=10)
+    try:
+        assert client.call("Host.ping") is True
+        first.stop()
+        second = ApiServer(("127.0.0.1", port), Dispatcher(load_schema(), table()))
+        second.start()
+        try:
+            assert client.call("Host.ping2") is True
+        finally:
+            second.stop()
+        with pytest.raises(TransportError, match="cannot talk to"):
+            client.call("Host.ping")  # nobody there: no endless retry
+    finally:
+        client.close()
