@@ -10,7 +10,7 @@ import time
 import plots
 from common import ROOT, default_out_dir, fmt_ms, main_guard, md_table, verdict
 
-SECTIONS = ["recovery", "merge_throughput", "completion", "api", "scale"]
+SECTIONS = ["recovery", "merge_throughput", "completion", "api", "scale", "transport"]
 
 
 def load_all(out_dir: str) -> dict[str, dict]:
@@ -87,6 +87,16 @@ def completion_targets(d: dict) -> list[list[str]]:
     ]
 
 
+def transport_targets(d: dict) -> list[list[str]]:
+    rows = []
+    for verb, ratio in d["ratio"].items():
+        rows.append([f"STOMP: {verb} p50 no more than over HTTP",
+                     f"STOMP {fmt_ms(d['stomp'][verb]['p50'], 3)} ms, HTTP "
+                     f"{fmt_ms(d['http'][verb]['p50'], 3)} ms: ratio {ratio:.2f}",
+                     verdict(ratio <= 1.1), "" if ratio <= 1.0 else "within the 10 % noise allowance"])
+    return rows
+
+
 def api_targets(d: dict) -> list[list[str]]:
     top = d["points"][-1]
     base = d["points"][0]
@@ -109,7 +119,8 @@ def api_targets(d: dict) -> list[list[str]]:
 def targets_table(results: dict) -> str:
     rows = []
     makers = {"recovery": recovery_targets, "merge_throughput": merge_targets,
-              "completion": completion_targets, "api": api_targets}
+              "completion": completion_targets, "api": api_targets,
+              "transport": transport_targets}
     for name, make in makers.items():
         if name in results:
             rows += make(results[name]["data"])

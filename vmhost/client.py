@@ -21,19 +21,30 @@ in the URL):
 
     Client("https://localhost:54321/jsonrpc", tls_cert="client.pem",
            tls_key="client-key.pem", tls_ca="ca.pem")
+
+The same port speaks STOMP, VDSM's transport: `stomp://host:port` (plain)
+and `stomps://host:port` (mutual TLS, the same three files) send the same
+calls as JSON-RPC over STOMP 1.2, on one connection kept open, and
+events() subscribes to jms.queue.events there (the notifications are turned
+back into the same event dicts, see vmhost/api/notifications.py).
 """
 from __future__ import annotations
 
 import http.client
 import itertools
 import json
+import socket
 import ssl
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from vmhost.api.notifications import EVENTS_DESTINATION, from_notification
 from vmhost.api.schema import InvalidParams, Schema, UnknownVerb, load_schema
 from vmhost.api.tls import client_context
+from vmhost.api.transport.frames import Frame
+from vmhost.stomp_client import REQUESTS, StompClosed, StompConnection, StompError
 
 DEFAULT_URL = "http://127.0.0.1:54321/jsonrpc"
 EVENTS_PATH = "/events"
@@ -41,6 +52,11 @@ EVENTS_PATH = "/events"
 # Errors that, on a reused keep-alive connection, mean the agent had already
 # closed it while idle.
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+_TLS_SCHEMES = ("https", "stomps")
+_STOMP_SCHEMES = ("stomp", "stomps")
+# A STOMP event stream asks the agent for a heart-beat this often (at most),
+# so that a vanished agent is noticed by the stream's timeout.
+_EVENT_HEART_BEAT = 15.0
 
 
 class RpcError(Exception):
@@ -66,24 +82,30 @@ class Client:
                  schema: Schema | None = None, *, tls_cert: str | None = None,
                  tls_key: str | None = None, tls_ca: str | None = None):
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"unsupported URL {url!r}; expected http(s)://host:port/path")
+        if parts.scheme not in ("http", "https", *_STOMP_SCHEMES) or not parts.hostname:
+            raise ValueError(f"unsupported URL {url!r}; expected http(s)://host:port/path "
+                             "or stomp(s)://host:port")
         self.tls_cert, self.tls_key, self.tls_ca = tls_cert, tls_key, tls_ca
         self._ssl_context: ssl.SSLContext | None = None
-        if parts.scheme == "https":
+        if parts.scheme in _TLS_SCHEMES:
             self._ssl_context = client_context(tls_cert, tls_key, tls_ca)
         elif tls_cert or tls_key or tls_ca:
-            raise ValueError(f"TLS certificates given for the plain HTTP URL {url!r}; "
-                             "use an https:// URL")
+            secure = "a stomps" if parts.scheme == "stomp" else "an https"
+            raise ValueError(f"TLS certificates given for the plain URL {url!r}; "
+                             f"use {secure}:// URL")
         self.url = url
         self._scheme = parts.scheme
         self._host = parts.hostname
         self._port = parts.port
         self._path = parts.path or "/"
-        self.events_url = urlunsplit((parts.scheme, parts.netloc, EVENTS_PATH, "", ""))
+        self.stomp = parts.scheme in _STOMP_SCHEMES
+        self.events_url = (url if self.stomp else
+                           urlunsplit((parts.scheme, parts.netloc, EVENTS_PATH, "", "")))
         self._timeout = timeout
         self._schema = (schema or load_schema()) if validate else None
         self._conn: http.client.HTTPConnection | None = None
+        self._stomp: StompConnection | None = None
+        self._reply_to = ""
         self._ids = itertools.count(1)
 
     def call(self, method: str, /, **params: Any) -> Any:
@@ -120,6 +142,8 @@ class Client:
         this returns. `timeout`: seconds without any data (the agent sends a
         keepalive every 15 s) after which iterating raises TransportError;
         None waits forever. Iteration ends when the agent closes the stream."""
+        if self.stomp:
+            return self._stomp_events(timeout)
         conn = self._connect()
         try:
             conn.request("GET", EVENTS_PATH, headers={"Accept": "text/event-stream"})
@@ -135,12 +159,15 @@ class Client:
             _refused_stream(conn, response, self.events_url)
         if sock is not None:
             sock.settimeout(timeout)  # from now on: the wait for the next line
-        return EventStream(conn, response, self.events_url, timeout)
+        return EventStream(conn, response, self.events_url, timeout, sock)
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        if self._stomp is not None:
+            self._stomp.disconnect()
+            self._stomp = None
 
     def __enter__(self) -> Client:
         return self
@@ -159,6 +186,8 @@ class Client:
         return {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
 
     def _post(self, payload: Any) -> Any:
+        if self.stomp:
+            return self._stomp_post(json.dumps(payload).encode("utf-8"))
         status, data = self._exchange(json.dumps(payload).encode("utf-8"))
         # Refusals (404, 413, ...) carry a JSON-RPC error body too.
         try:
@@ -205,13 +234,122 @@ class Client:
         return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
 
 
+    # --- STOMP ---------------------------------------------------------------------------
+
+    def _stomp_connect(self, heart_beat: float = 0) -> StompConnection:
+        try:
+            return StompConnection(self._host, self._port or 54321, ssl_context=self._ssl_context,
+                                   timeout=self._timeout, heart_beat_ms=int(heart_beat * 1000))
+        except StompClosed as e:  # not a retry on a kept connection: the agent is not there
+            raise StompError(str(e)) from e
+
+    def _stomp_post(self, body: bytes) -> Any:
+        for attempt in (1, 2):
+            reused = self._stomp is not None
+            try:
+                frame = self._stomp_exchange(body)
+                break
+            except (StompError, TimeoutError) as e:
+                if self._stomp is not None:
+                    self._stomp.close()
+                    self._stomp = None
+                # As over HTTP: a kept connection the agent closed meanwhile
+                # (e.g. it restarted) is opened again, once.
+                if attempt == 1 and reused and isinstance(e, StompClosed):
+                    continue
+                what = e if isinstance(e, StompError) else f"no answer within {self._timeout}s"
+                raise TransportError(f"cannot talk to {self.url}: {what}") from e
+        try:
+            return json.loads(frame.body)
+        except ValueError:
+            raise TransportError(f"{self.url}: the answer is not JSON") from None
+
+    def _stomp_exchange(self, body: bytes) -> Frame:
+        if self._stomp is None:
+            conn = self._stomp_connect()
+            try:
+                self._reply_to = f"vmhost-client-{uuid.uuid4()}"  # as VDSM's client does
+                conn.subscribe(self._reply_to)
+            except StompError:
+                conn.close()
+                raise
+            self._stomp = conn
+        conn = self._stomp
+        conn.send(REQUESTS, body, reply_to=self._reply_to)
+        while True:  # the answer is the next message to our queue
+            frame = conn.read_frame()
+            if frame.command == "MESSAGE" and frame.headers.get("destination") == self._reply_to:
+                return frame
+
+    def _stomp_events(self, timeout: float | None) -> StompEventStream:
+        heart_beat = _EVENT_HEART_BEAT if timeout is None else min(_EVENT_HEART_BEAT, timeout / 3)
+        try:
+            conn = self._stomp_connect(heart_beat=max(heart_beat, 1.0))
+        except StompError as e:
+            raise TransportError(f"cannot talk to {self.url}: {e}") from e
+        try:
+            conn.subscribe(EVENTS_DESTINATION)
+        except (StompError, TimeoutError) as e:
+            conn.close()
+            raise TransportError(f"cannot subscribe at {self.url}: {e}") from e
+        return StompEventStream(conn, self.url, timeout)
+
+
+class StompEventStream(Iterator[dict]):
+    """Events from jms.queue.events, as the same dicts EventStream gives;
+    `last_id` is the `seq` of the last event read."""
+
+    def __init__(self, conn: StompConnection, url: str, timeout: float | None):
+        self._conn: StompConnection | None = conn
+        self.url = url
+        self._timeout = timeout
+        self.last_id: str | None = None
+
+    def __next__(self) -> dict:
+        while True:
+            conn = self._conn
+            if conn is None:
+                raise StopIteration
+            try:
+                frame = conn.read_frame(timeout=self._timeout)
+            except TimeoutError:
+                self.close()
+                raise TransportError(f"nothing from {self.url} for {self._timeout}s") from None
+            except StompError:  # the agent closed the connection (it stopped), or we did
+                self.close()
+                raise StopIteration from None
+            if frame.command != "MESSAGE":
+                continue
+            try:
+                event = from_notification(json.loads(frame.body))
+            except ValueError:
+                event = None
+            if event is None:
+                continue
+            if "seq" in event:
+                self.last_id = str(event["seq"])
+            return event
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def __enter__(self) -> StompEventStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class EventStream(Iterator[dict]):
     """Server-sent events as dicts (the JSON of each event's data). Comments
     (keepalives) are skipped; `last_id` is the id of the last event read."""
 
     def __init__(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
-                 url: str, timeout: float | None):
+                 url: str, timeout: float | None, sock: socket.socket | None = None):
         self._conn: http.client.HTTPConnection | None = conn
+        self._sock = sock
         self._response = response
         self.url = url
         self._timeout = timeout
@@ -242,6 +380,11 @@ class EventStream(Iterator[dict]):
         # Take the connection first: a reader thread may close concurrently.
         conn, self._conn = self._conn, None
         if conn is not None:
+            if self._sock is not None:
+                try:  # wakes a thread blocked reading the stream (close alone does not)
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
             # The response holds the socket: for a Connection: close answer,
             # http.client hands it from the connection to the response.
             self._response.close()

@@ -31,6 +31,7 @@ VM_PARAMS = {
 
 VALID = [
     ("Host.ping", {}),
+    ("Host.ping2", {}),
     ("Host.getCapabilities", {}),
     ("Host.getVMList", {}),
     ("Host.getVMList", {"fullStatus": True, "vmList": [VM], "onlyUUID": False}),

@@ -83,6 +83,7 @@ V = {"storagedomainID": SD, "imageID": IMG, "volumeID": VOL}
 # (verb, params, service, method, keyword arguments it must receive)
 BRIDGE_CASES = [
     ("Host.ping", {}, "host", "ping", {}),
+    ("Host.ping2", {}, "host", "ping", {}),
     ("Host.getCapabilities", {}, "host", "capabilities", {}),
     ("Host.getVMList", {}, "vms", "list", {"full_status": False, "vm_list": None, "only_uuid": False}),
     ("Host.getVMList", {"fullStatus": True, "vmList": [VM], "onlyUUID": True}, "vms", "list",

@@ -182,7 +182,7 @@ def test_oversized_request_is_an_rpc_error(agent):
 def test_refusal_is_read_even_if_sending_failed(agent, monkeypatch):
     # Without the server's lingering drain, the agent resets the connection
     # while the client is still sending; its 413 answer is still readable.
-    from vmhost.api import server as server_module
+    from vmhost.api.transport import http as server_module
     monkeypatch.setattr(server_module, "LINGER_BYTES", 0)
     server = start_server(agent, max_body=1000)
     try:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from vmhost.api import server as server_module
+from vmhost.api.transport import http as server_module
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer, format_event

@@ -15,7 +15,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from vmhost.api import server as server_module
+from vmhost.api.transport import acceptor as acceptor_module
+from vmhost.api.transport import http as http_module
 from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
@@ -49,7 +50,7 @@ def bus() -> CountingBus:
 
 @pytest.fixture(autouse=True)
 def quick_peer_check(monkeypatch):
-    monkeypatch.setattr(server_module, "PEER_CHECK_INTERVAL", 0.05)
+    monkeypatch.setattr(http_module, "PEER_CHECK_INTERVAL", 0.05)
 
 
 def make_server(certs, bus, host="127.0.0.1", context=None) -> ApiServer:
@@ -198,7 +199,7 @@ def test_stop_ends_tls_streams_and_connections(certs, bus):
 # --- refusals ---------------------------------------------------------------------------------
 
 def test_no_client_certificate_is_refused(server, certs, caplog):
-    caplog.set_level(logging.INFO, logger="vmhost.api.server")
+    caplog.set_level(logging.INFO, logger="vmhost.api.transport.acceptor")
     with Client(url(server), timeout=10, tls_ca=certs["ca"]) as client:
         # The alert saying why reaches the client (not lost to a reset).
         with pytest.raises(TransportError, match="certificate required"):
@@ -223,7 +224,7 @@ def test_no_client_certificate_is_refused_over_tls_1_2(certs, bus):
 
 
 def test_client_certificate_from_another_ca_is_refused(server, certs, other_certs, caplog):
-    caplog.set_level(logging.INFO, logger="vmhost.api.server")
+    caplog.set_level(logging.INFO, logger="vmhost.api.transport.acceptor")
     with Client(url(server), timeout=10, tls_cert=other_certs["client_cert"],
                 tls_key=other_certs["client_key"], tls_ca=certs["ca"]) as client:
         with pytest.raises(TransportError, match="unknown ca"):
@@ -282,7 +283,7 @@ def test_garbage_to_the_tls_port_is_closed(server, certs):
 
 def test_a_silent_client_does_not_block_others(server, certs, monkeypatch):
     # Long enough that waiting for it would show.
-    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT", 30.0)
+    monkeypatch.setattr(acceptor_module, "HANDSHAKE_TIMEOUT", 30.0)
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
     half = socket.create_connection(("127.0.0.1", server.port), timeout=10)
     half.sendall(b"\x16\x03\x01")  # the start of a handshake record, then nothing
@@ -298,8 +299,8 @@ def test_a_silent_client_does_not_block_others(server, certs, monkeypatch):
 @pytest.mark.parametrize("first_bytes", [b"", b"\x16\x03\x01"])
 def test_a_client_that_never_finishes_the_handshake_is_closed(server, certs, monkeypatch, caplog,
                                                               first_bytes):
-    caplog.set_level(logging.INFO, logger="vmhost.api.server")
-    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT", 0.5)
+    caplog.set_level(logging.INFO, logger="vmhost.api.transport.acceptor")
+    monkeypatch.setattr(acceptor_module, "HANDSHAKE_TIMEOUT", 0.5)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(first_bytes)
         started = time.monotonic()
@@ -312,7 +313,7 @@ def test_a_client_that_never_finishes_the_handshake_is_closed(server, certs, mon
 def test_the_handshake_deadline_is_for_all_of_it(server, certs, monkeypatch):
     """A client trickling a valid ClientHello byte by byte (each read well
     within the timeout) is still closed when the whole deadline passes."""
-    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT", 1.0)
+    monkeypatch.setattr(acceptor_module, "HANDSHAKE_TIMEOUT", 1.0)
     context = client_context(certs["client_cert"], certs["client_key"], certs["ca"])
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")

@@ -97,6 +97,7 @@ def _snapshot(s: Services, p: dict[str, Any]) -> dict:
 # getVMFullList) are deliberately not passed on.
 _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
     "Host.ping": lambda s, p: s.host.ping(),
+    "Host.ping2": lambda s, p: s.host.ping(),
     "Host.getCapabilities": lambda s, p: s.host.capabilities(),
     "Host.getVMList": lambda s, p: s.vms.list(
         full_status=p.get("fullStatus", False), vm_list=p.get("vmList"),

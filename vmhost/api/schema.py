@@ -20,7 +20,7 @@ import jsonschema.validators
 import yaml
 from jsonschema.exceptions import ValidationError
 
-_VERB_NAME = re.compile(r"^[A-Z][A-Za-z]*\.[a-z][A-Za-z]*$")
+_VERB_NAME = re.compile(r"^[A-Z][A-Za-z]*\.[a-z][A-Za-z0-9]*$")  # Host.ping2 has a digit
 _SHOW_LIMIT = 60  # never echo a huge value back into an error message
 
 

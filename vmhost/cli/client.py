@@ -13,7 +13,9 @@ as text if it is not one. Prints the JSON result; exit status 0 on success,
 1 on an API or connection error (or a job that did not succeed), 2 on a
 usage error.
 
-An https URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT,
+The URL is http(s)://host:port/jsonrpc, or stomp(s)://host:port for VDSM's
+transport (JSON-RPC over STOMP 1.2) on the same port. An https or stomps
+URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT,
 VMHOST_TLS_KEY, VMHOST_TLS_CA): the client certificate the agent asks for,
 its key, and the CA that signed the agent's certificate (see `vmhost pki
 init`).
@@ -25,6 +27,9 @@ Commands that are more than one call:
 
   Without --wait, prints the job UUID. With --wait, follows the job (a
   progress bar on stderr) until it leaves vmJobs and prints its outcome,
+  woken by the agent's events about the job (server-sent events over HTTP,
+  jms.queue.events over STOMP; the bar is refreshed once a second, and an
+  agent without events is polled instead),
   {"jobUUID": ..., "state": "done" | "aborted" | "failed", ...}; exit 0 only
   for done. Ctrl-C stops waiting, not the merge (the message says how to
   abort it).
@@ -46,6 +51,7 @@ import json
 import os
 import shlex
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -175,12 +181,13 @@ def _check_tls_options(parser: argparse.ArgumentParser, args: argparse.Namespace
     cannot work: an https URL without all three, TLS options with a plain
     URL. (The environment is not read for a plain URL: it may well be set
     for another agent.)"""
-    https = args.url.lower().startswith("https:")
-    if not https:
+    scheme = args.url.lower().partition(":")[0]
+    if scheme not in ("https", "stomps"):
         given = [f"--{option}" for option, _, _ in TLS_OPTIONS
                  if getattr(args, option.replace("-", "_"))]
         if given:
-            parser.error(f"{given[0]} is for https URLs, and {args.url} is plain HTTP")
+            what = "plain STOMP" if scheme == "stomp" else "plain HTTP"
+            parser.error(f"{given[0]} is for https URLs, and {args.url} is {what}")
         return
     missing = []
     for option, env, _ in TLS_OPTIONS:
@@ -190,7 +197,8 @@ def _check_tls_options(parser: argparse.ArgumentParser, args: argparse.Namespace
         if not getattr(args, attr):
             missing.append(f"--{option}")
     if missing:
-        parser.error(f"an https URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT, "
+        article = "an" if scheme == "https" else "a"
+        parser.error(f"{article} {scheme} URL needs --tls-cert, --tls-key and --tls-ca (or VMHOST_TLS_CERT, "
                      f"VMHOST_TLS_KEY, VMHOST_TLS_CA in the environment); missing "
                      f"{', '.join(missing)}")
 
@@ -202,7 +210,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples: vmhost-client VM getStats vmID=<uuid>; "
                "vmhost-client VM merge vmID=... drive='{...}' baseVolUUID=... topVolUUID=... "
                "--wait; vmhost-client snapshot remove vmID=... imageID=... volumeID=...")
-    parser.add_argument("--url", default=DEFAULT_URL, help=f"API endpoint (default {DEFAULT_URL})")
+    parser.add_argument("--url", default=DEFAULT_URL,
+                        help=f"API endpoint: http(s)://host:port/jsonrpc or stomp(s)://host:port "
+                             f"(default {DEFAULT_URL})")
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait for an answer")
     parser.add_argument("--no-validate", action="store_true",
                         help="send without checking against the local schema")
@@ -219,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # --- following a merge job ----------------------------------------------------
 
-POLL_INTERVAL = 0.2   # VM.getStats about 5 times a second while waiting
+POLL_INTERVAL = 0.2   # VM.getStats about 5 times a second, without events
+PROGRESS_INTERVAL = 1.0  # with events: VM.getStats once a second for the bar
 BAR_WIDTH = 10
 RECOVERING = 99       # the agent restarted and is recovering: ask again
 _TERMINAL = {"DONE": "done", "ABORTED": "aborted", "FAILED": "failed"}
@@ -270,6 +281,8 @@ def wait_for_job(client: Client, vm_id: str, job_id: str, *, image: str | None =
     Returns {"jobUUID", "state": done | aborted | failed | unknown, "error"?}.
     Ctrl-C raises CommandFailed (exit 130) saying how to abort the job."""
     bar = ProgressBar(progress or sys.stderr)
+    # Subscribed before the first look: no change is missed in between.
+    watch = JobWatch.start(client, vm_id, job_id)
     try:
         while True:
             seen, job = _poll_job(client, vm_id, job_id)
@@ -279,12 +292,59 @@ def wait_for_job(client: Client, vm_id: str, job_id: str, *, image: str | None =
                 return {"jobUUID": job_id, "state": "failed", "error": job.get("error", "")}
             if seen == "running":
                 bar.draw(job)
-            _pause(POLL_INTERVAL)
+            if watch is None:
+                _pause(POLL_INTERVAL)
+            else:
+                watch.wait(PROGRESS_INTERVAL)
     except KeyboardInterrupt:
         raise CommandFailed(_stopped_waiting(client, vm_id, job_id, interrupt_hint), 130) from None
     finally:
         bar.finish()
+        if watch is not None:
+            watch.close()
     return job_outcome(client, vm_id, job_id, image=image, top=top)
+
+
+class JobWatch:
+    """Wakes the waiting thread when the agent publishes an event about a
+    job or its VM. A reader thread follows the event stream (SSE or STOMP:
+    the same event dicts); the waiting thread stays interruptible."""
+
+    def __init__(self, stream: Any, vm_id: str, job_id: str):
+        self._stream = stream
+        self._vm_id, self._job_id = vm_id, job_id
+        self._changed = threading.Event()
+        self.events = 0  # events about the job seen (for tests)
+        threading.Thread(target=self._read, name="job-watch", daemon=True).start()
+
+    @classmethod
+    def start(cls, client: Client, vm_id: str, job_id: str) -> JobWatch | None:
+        """None if the agent has no event stream (then the caller polls)."""
+        try:
+            stream = client.events(timeout=None)
+        except (RpcError, TransportError):
+            return None
+        return cls(stream, vm_id, job_id)
+
+    def wait(self, seconds: float) -> None:
+        """Until an event about the job came, or `seconds` passed."""
+        if self._changed.wait(seconds):
+            self._changed.clear()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def _read(self) -> None:
+        try:
+            for event in self._stream:
+                if event.get("jobId") == self._job_id or (
+                        event.get("event") == "vm" and event.get("vmId") == self._vm_id):
+                    self.events += 1
+                    self._changed.set()
+        except (TransportError, OSError, ValueError):
+            pass  # closed by close(), or the agent went away: polling goes on
+        # The stream ended: wake the waiter, whose next look finds out why.
+        self._changed.set()
 
 
 def _poll_job(client: Client, vm_id: str, job_id: str) -> tuple[str, dict[str, Any]]:
