@@ -95,7 +95,8 @@ class Agent:
                                      observe=self.metrics.observe_request)
         self.server = ApiServer(config.address, self.dispatcher,
                                 max_body=config.max_request_bytes, events=self.events,
-                                ssl_context=ssl_context, metrics=self.metrics.render)
+                                ssl_context=ssl_context, metrics=self.metrics.render,
+                                max_connections=config.max_connections)
 
     def _wire(self) -> None:
         self.events.listen(self.metrics.on_event)

@@ -23,6 +23,7 @@ class Config:
     # API
     listen: str = "127.0.0.1:54321"          # HOST:PORT
     max_request_bytes: int = 1 << 20         # larger JSON-RPC bodies are refused (413)
+    max_connections: int = 256               # API connections (HTTP + STOMP); more are refused
     tls_cert: str = ""                       # server certificate (PEM); TLS when all three are set
     tls_key: str = ""
     tls_ca: str = ""                         # CA that signs client certificates (mutual TLS)
