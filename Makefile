@@ -28,10 +28,12 @@ test: setup
 # outage, QEMU crash) and 10,000 fuzzed requests; writes reports/faults.md.
 faults: setup
 	mkdir -p reports
-	rm -f reports/faults.jsonl reports/fuzz.json
+	rm -f reports/faults.jsonl reports/fuzz.json reports/stomp-fuzz.json
 	VMHOST_FAULTS_REPORT=$(CURDIR)/reports/faults.jsonl VMHOST_FUZZ_REQUESTS=10000 \
 	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
-	    tests/integration/test_crash_matrix.py tests/integration/faults tests/faults
+	    tests/integration/test_crash_matrix.py tests/integration/test_merge_edges.py \
+	    tests/integration/test_merge_edges_chain.py tests/integration/test_hung_storage.py \
+	    tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 
 # Benchmarks (recovery at scale, merge throughput, completion latency, API):

