@@ -20,8 +20,8 @@ from common import (BENCH_BASE, LIBVIRT_URI, ROOT, foreign_vmhost_domains, libvi
                     log, main_guard)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["recovery.py", "merge_throughput.py", "completion.py", "api.py", "scale.py",
-           "transport.py"]
+SCRIPTS = ["recovery.py", "merge_throughput.py", "drive_config.py", "completion.py", "api.py",
+           "storm.py", "snapshot_freeze.py", "scale.py", "transport.py"]
 
 
 def foreign_count() -> int | str:
