@@ -28,7 +28,7 @@ import uuid
 
 import libvirt
 
-from common import (GiB, MiB, Bench, LibvirtJobEvents, default_out_dir, host_facts, log,
+from common import (GiB, MiB, Bench, LibvirtJobEvents, default_out_dir, fmt_ms, host_facts, log,
                     main_guard, md_table, median, save_result)
 from merge_throughput import dd_copy, offline_commit
 from vmhost.virt import domxml, guestio
@@ -96,9 +96,13 @@ def one_case(bench: Bench, lv: LibvirtJobEvents, workdir: str, cache: str, io: s
             dom.blockCommit("vda", base, top, 0, 0)
             t = lv.wait(vm_uuid, "COMPLETED", mark, timeout=600)
         commit_s = t - wall0
-        if active:
+        pivot_s = None
+        if active:   # libvirt's synchronous pivot: QEMU's job-complete, drain and flush
+            pivot_started = time.perf_counter()
             dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
-        return {"write_s": write_s, "commit_s": commit_s, "elapsed_s": time.perf_counter() - started}
+            pivot_s = time.perf_counter() - pivot_started
+        return {"write_s": write_s, "commit_s": commit_s, "pivot_s": pivot_s,
+                "elapsed_s": time.perf_counter() - started}
     finally:
         try:
             dom.destroy()
@@ -113,7 +117,7 @@ def run(bench: Bench, size: int, reps: int, configs: list[str]) -> dict:
     work = os.path.join(bench.workdir, "drive")
     results: dict = {"offline commit": [], "dd copy": []}
     for name in configs:
-        results[name] = {"guest write": [], "live internal": [], "live active": []}
+        results[name] = {"guest write": [], "live internal": [], "live active": [], "pivot s": []}
     try:
         for rep in range(reps):
             order = configs[rep % len(configs):] + configs[:rep % len(configs)]
@@ -134,6 +138,7 @@ def run(bench: Bench, size: int, reps: int, configs: list[str]) -> dict:
                     mb_s(size, median([internal["write_s"], active["write_s"]])))
                 results[name]["live internal"].append(mb_s(size, internal["commit_s"]))
                 results[name]["live active"].append(mb_s(size, active["commit_s"]))
+                results[name]["pivot s"].append(active["pivot_s"])
             log(f"  run {rep + 1}/{reps}: offline {results['offline commit'][-1]:.0f}, dd copy "
                 f"{results['dd copy'][-1]:.0f}; " + "; ".join(
                     f"{n}: write {results[n]['guest write'][-1]:.0f}, internal "
@@ -161,6 +166,7 @@ def summarize(results: dict, configs: list[str]) -> dict:
             "internal_ratio": median(ratio["live internal"]),
             "active_ratio": median(ratio["live active"]),
             "active_ratios": ratio["live active"], "internal_ratios": ratio["live internal"],
+            "pivot_s": median(r["pivot s"]),
         }
     ok = {n: c for n, c in out["configs"].items() if "error" not in c}
     if ok:
@@ -173,25 +179,25 @@ def summarize(results: dict, configs: list[str]) -> dict:
 
 
 def markdown(s: dict, results: dict, reps: int, size: int) -> str:
-    rows = [["offline `qemu-img commit -t none`", "", "", "",
+    rows = [["offline `qemu-img commit -t none`", "", "", "", "",
              " / ".join(f"{v:.0f}" for v in results["offline commit"]), "1.00", ""],
-            ["dd copy (direct I/O)", "", "", "",
+            ["dd copy (direct I/O)", "", "", "", "",
              " / ".join(f"{v:.0f}" for v in results["dd copy"]),
              f"{s['dd_copy'] / s['offline']:.2f}", ""]]
     for name, c in s["configs"].items():
         if "error" in c:
-            rows.append([f"live, drive cache/io {name}", "n/a", "n/a", "n/a", "n/a", "n/a",
+            rows.append([f"live, drive cache/io {name}", "n/a", "n/a", "n/a", "n/a", "n/a", "n/a",
                          c["error"][:80]])
             continue
         r = results[name]
         rows.append([f"live, drive cache/io {name}", f"{c['write']:.0f}", f"{c['internal']:.0f}",
-                     f"{c['active']:.0f}",
+                     f"{c['active']:.0f}", fmt_ms(c["pivot_s"], 0),
                      "int " + " / ".join(f"{v:.0f}" for v in r["live internal"]) + "; act "
                      + " / ".join(f"{v:.0f}" for v in r["live active"]),
                      f"int {c['internal_ratio']:.2f}, act {c['active_ratio']:.2f}",
                      " / ".join(f"{v:.2f}" for v in c["active_ratios"])])
     table = md_table(["case", "guest write MB/s", "live internal MB/s", "live active MB/s",
-                      "MB/s per run", "/ offline (median paired ratio)",
+                      "pivot ms (libvirt, synchronous)", "MB/s per run", "/ offline (median paired ratio)",
                       "active / offline, each run (target >= 0.95 in each)"], rows)
     best = s.get("best")
     notes = (f"{size // MiB} MiB of data, {reps} runs; medians. The first configuration is what "

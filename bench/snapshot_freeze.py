@@ -152,10 +152,13 @@ def run(bench: Bench, drive_counts: list[int], reps: int, pauses: Pauses) -> dic
         vm, devices = agent_vm(bench, drives)
         floor = FloorVm(bench, drives)
         bench.wait_halted([vm, floor.vm])
-        times = {"agent": [], "floor": []}
+        times = {"agent": [], "floor": [], "ping": []}
         paused = {"agent": [0, 0.0], "floor": [0, 0.0]}
         for rep in range(reps):
             order = ("agent", "floor") if rep % 2 == 0 else ("floor", "agent")
+            started = time.perf_counter()
+            bench.call("Host.ping")   # the API's own floor, on the same connection
+            times["ping"].append(time.perf_counter() - started)
             for side in order:
                 t0 = time.perf_counter()
                 if side == "agent":
@@ -167,9 +170,11 @@ def run(bench: Bench, drive_counts: list[int], reps: int, pauses: Pauses) -> dic
                 n, s = pauses.between(target, t0, time.perf_counter())
                 paused[side][0] += n
                 paused[side][1] += s
-        out[drives] = {side: {**summary(t), "suspensions": paused[side][0],
-                              "suspended_s": paused[side][1], "times": t}
-                       for side, t in times.items()}
+        out[drives] = {side: {**summary(times[side]), "suspensions": paused[side][0],
+                              "suspended_s": paused[side][1], "times": times[side]}
+                       for side in ("agent", "floor")}
+        out[drives]["ping"] = summary(times["ping"])
+        out[drives]["chain"] = [1, reps + 1]
         a, f = out[drives]["agent"], out[drives]["floor"]
         out[drives]["ratio"] = a["p50"] / f["p50"]
         out[drives]["overhead_p50_s"] = a["p50"] - f["p50"]
@@ -186,11 +191,13 @@ def markdown(result: dict) -> str:
         target = f"{r['ratio']:.2f}x" + (f" ({verdict(r['ratio'] <= 1.3)})" if int(drives) == 4
                                          else "")
         rows.append([drives, fmt_ms(a["p50"]), fmt_ms(a["p99"]), fmt_ms(f["p50"]),
-                     fmt_ms(f["p99"]), fmt_ms(r["overhead_p50_s"]), target,
+                     fmt_ms(f["p99"]), fmt_ms(r["overhead_p50_s"]), fmt_ms(r["ping"]["p50"], 2),
+                     target,
                      f"{a['suspensions']} ({fmt_ms(a['suspended_s'])} ms) / "
                      f"{f['suspensions']} ({fmt_ms(f['suspended_s'])} ms)"])
     table = md_table(["drives", "VM.snapshot p50 ms", "VM.snapshot p99 ms",
                       "libvirt floor p50 ms", "floor p99 ms", "agent overhead p50 ms",
+                      "of it: API round trip (Host.ping p50) ms",
                       "VM.snapshot / floor p50 (target <= 1.3 with 4 drives)",
                       "guest suspensions (time) agent / floor"], rows)
     notes = (f"{result['reps']} snapshots per side and drive count, alternating call by call, "
@@ -200,7 +207,10 @@ def markdown(result: dict) -> str:
              "the re-check, the write-ahead persist, libvirt's call, the live XML re-read); the "
              "new leaves were created with Volume.create before, untimed. *Floor*: "
              "`snapshotCreateXML` with the agent's flags on a plain domain with the same drive "
-             "XML, overlays made with qemu-img, untimed. *Guest suspensions*: libvirt "
+             "XML, overlays made with qemu-img, untimed. Each drive's chain grows from 1 to "
+             f"{result['reps'] + 1} volumes during the run (both sides alike); the agent's "
+             "storage preparation reads the metadata of every volume of the chain, so its share "
+             "grows with the chain. *Guest suspensions*: libvirt "
              "SUSPENDED/RESUMED lifecycle events of the domain during the call; a disk-only "
              "external snapshot runs QEMU's `transaction` without stopping the vCPUs, so the "
              "guest-visible freeze is the time QEMU holds the BQL for the drain and the "
@@ -211,7 +221,7 @@ def markdown(result: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--drives", default="1,4")
-    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default=default_out_dir())
     args = p.parse_args()
     with Bench("snapshot") as bench:

@@ -140,8 +140,10 @@ def live_storm(bench: Bench, plan: list[dict], size: int, lv: LibvirtJobEvents,
             continue
         _, done = events.wait(jobs[i], ("DONE",), timeout=1800)
         qemu = lv.wait(p["vm"].id, "READY" if p["active"] else "COMPLETED", mark, timeout=60)
+        states = dict(events.jobs.get(jobs[i], {}))   # the agent's time of each state
         per_job.append({"active": p["active"], "qemu_done": qemu - wall0, "done": done - wall0,
-                        "latency_s": done - qemu})
+                        "latency_s": done - qemu,
+                        "states_s": {st: t - qemu for st, t in states.items()}})
         p["vm"].merged(p["base"], p["top"])
         p["merged"] = True
     for e in errors:
@@ -204,6 +206,9 @@ def run_config(bench: Bench, name: str, vms: list, size: int, idle_seconds: floa
         if p.get("merged"):
             bench.delete_volume(p["vm"].img, p["top"])
     live["_idle_times"], live["_storm_times"] = idle.times, busy.times
+    if bench.agent is not None and os.path.exists(bench.agent.log_path):
+        # The agent's log of the storm, kept for a look at where jobs waited.
+        shutil.copy(bench.agent.log_path, os.path.join(bench.out_dir, f"storm-agent-{name}.log"))
     live["idle"] = {v: lat_summary(t) for v, t in idle.times.items()}
     live["storm"] = {v: lat_summary(t) for v, t in busy.times.items()}
     for kind, sel in (("all", lambda j: True), ("internal", lambda j: not j["active"]),
@@ -239,10 +244,29 @@ def summarize(reps: list[dict], count: int, size: int, fleet: int) -> dict:
         }
         c["storm"] = {v: lat_summary([t for r in runs for t in _times(r, "storm", v)])
                       for v in ("Host.getAllVmStats", "VM.getStats")}
+        c["phases"] = phases([j for r in runs for j in r["jobs"]])
         c["rate_ok"] = c["ratio"] >= 0.9
         c["latency_ok"] = c["latency"]["p99"] is not None and c["latency"]["p99"] <= 0.5
         c["stats_ok"] = c["storm"]["Host.getAllVmStats"]["p99"] <= 0.020
         out["configs"][name] = c
+    return out
+
+
+# Where a job's completion latency goes: the agent's state changes, each
+# measured from libvirt's event (COMPLETED / READY) that QEMU is done.
+PHASES = {"internal": [("event", "CLEANUP"), ("CLEANUP", "DONE")],
+          "active": [("event", "READY"), ("READY", "PIVOT"), ("PIVOT", "CLEANUP"),
+                     ("CLEANUP", "DONE")]}
+
+
+def phases(jobs: list[dict]) -> dict:
+    out = {}
+    for kind, steps in PHASES.items():
+        sel = [j["states_s"] for j in jobs if j["active"] == (kind == "active")]
+        for a, b in steps:
+            d = [s[b] - (s[a] if a != "event" else 0.0) for s in sel if b in s and
+                 (a == "event" or a in s)]
+            out[f"{kind}: {'libvirt event' if a == 'event' else a} -> {b}"] = lat_summary(d)
     return out
 
 
@@ -288,7 +312,19 @@ def markdown(s: dict) -> str:
              "by the bench's own connection, to the agent's DONE. API latency: one client "
              "looping getAllVmStats and VM.getStats (~100 calls/s) for a few seconds on the "
              "idle agent, then during the storm.")
-    return "## 7. Twenty merges at once\n\n" + table + "\n\n" + notes + "\n"
+    first = next(iter(s["configs"].values()))
+    phase_rows = [[name, fmt_ms(v["p50"], 0), fmt_ms(v["p99"], 0), v["n"]]
+                  for name, v in first["phases"].items()]
+    phase_table = md_table([f"phase (agent {next(iter(s['configs']))})", "p50 ms", "p99 ms",
+                            "jobs"], phase_rows)
+    phase_note = ("Where the completion latency goes, from the agent's job notifications "
+                  "(each state's publish time, against libvirt's event). For an active merge "
+                  "the guest is paused from PIVOT (the agent pauses it, then libvirt's pivot: "
+                  "QEMU's job-complete drains and flushes the mirror) until the pivot marker "
+                  "is written in CLEANUP's storage sync: that is the guest-visible pause of an "
+                  "active merge.")
+    return ("## 7. Twenty merges at once\n\n" + table + "\n\n" + notes + "\n\n"
+            + phase_table + "\n\n" + phase_note + "\n")
 
 
 def main() -> int:
@@ -307,6 +343,8 @@ def main() -> int:
             del CONFIGS[name]
     reps = []
     with Bench("storm") as bench:
+        bench.out_dir = args.out
+        os.makedirs(args.out, exist_ok=True)
         facts = host_facts(bench.conn)
         log(f"storm: {args.vms} VMs to merge")
         vms = [bench.create_vm(disk_size=2 * size) for _ in range(args.vms)]
