@@ -219,3 +219,17 @@ def drive_config(d: dict, path: str) -> str:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
     return _save(fig, path)
+
+
+def pivots(d: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (mode, r) in enumerate(d["modes"].items()):
+        times = sorted(t * 1000 for t in r["times"])
+        ax.plot(range(1, len(times) + 1), times, "o-", color=f"C{i}", label=mode)
+    ax.set_xlabel("pivot, in order of completion")
+    ax.set_ylabel("ms from the call to the live XML showing it")
+    ax.set_title(f"{d['count']} pivots at once")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -11,7 +11,7 @@ import plots
 from common import ROOT, default_out_dir, fmt_ms, main_guard, md_table, verdict
 
 SECTIONS = ["recovery", "merge_throughput", "completion", "api", "scale", "transport", "storm",
-            "snapshot_freeze", "drive_config"]
+            "snapshot_freeze", "drive_config", "pivots"]
 
 
 def load_all(out_dir: str) -> dict[str, dict]:
@@ -250,6 +250,9 @@ def write_report(out_dir: str, reports: str, run: dict | None) -> str:
         elif name == "drive_config":
             parts += [image_link(plots.drive_config(
                 data, os.path.join(reports, "drive_config.png")), reports), ""]
+        elif name == "pivots":
+            parts += [image_link(plots.pivots(
+                data, os.path.join(reports, "pivots.png")), reports), ""]
         elif name == "completion":
             parts += [image_link(plots.completion_cdf(
                 data["modes"], data["poll_interval"],

@@ -21,7 +21,7 @@ from common import (BENCH_BASE, LIBVIRT_URI, ROOT, foreign_vmhost_domains, libvi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ["recovery.py", "merge_throughput.py", "drive_config.py", "completion.py", "api.py",
-           "storm.py", "snapshot_freeze.py", "scale.py", "transport.py"]
+           "storm.py", "pivots.py", "snapshot_freeze.py", "scale.py", "transport.py"]
 
 
 def foreign_count() -> int | str:
