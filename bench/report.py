@@ -167,7 +167,8 @@ def drive_targets(d: dict) -> list[list[str]]:
         ok = all(x >= 0.95 for x in c["active_ratios"])
         rows.append([f"live active commit >= 0.95 x offline in each run, drive {name}",
                      " / ".join(f"{x:.2f}" for x in c["active_ratios"]) + "x", verdict(ok),
-                     "the configuration domxml builds" if name == "none/native" else ""])
+                     "the configuration domxml builds" if name == d.get("agent_config")
+                     else ""])
     return rows
 
 
