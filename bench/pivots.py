@@ -94,9 +94,11 @@ def markdown(result: dict) -> str:
     notes = (f"{result['count']} plain libvirt domains (started paused, as the agent pauses a "
              f"VM for its pivot), active commit of {result['size'] // MiB} MiB each, READY; "
              f"{result['reps']} repetition(s) per mode. libvirtd's max_client_requests is the "
-             "default (5). A staircase in the shared-connection row and none with one "
-             "connection each or ASYNC says the pivots queue for libvirtd's per-client slots, "
-             "not on QEMU or the disk.")
+             "default (5). Reading: a staircase in the shared-connection row only would mean "
+             "the pivots queue for libvirtd's per-client slots (the agent's one connection); "
+             "the same staircase in every row means they queue below libvirt: each pivot's "
+             "completion drains the mirror and flushes the base on the one disk, one after "
+             "the other.")
     return "## 10. Pivots at once\n\n" + table + "\n\n" + notes + "\n"
 
 
