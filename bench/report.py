@@ -74,9 +74,8 @@ def merge_targets(d: dict) -> list[list[str]]:
                    f"MB/s offline. Paired ratios range {lo:.2f}x - {hi:.2f}x")
             if dd_lo:
                 why += f" while raw dd writes ranged {dd_lo:.0f} - {dd_hi:.0f} MB/s in this run"
-            why += (": the gap is in QEMU's copy on a noisy shared disk, not in the agent. To "
-                    "close or confirm it: repeat on a quiet disk; if it stays, compare the "
-                    "drive's io='native' with io='threads' (qemu-img uses threads) live")
+            why += (": the gap is in QEMU's copy, not in the agent; section 9 compares the "
+                    "drive configurations on the same disk in the same run")
         rows.append([f"merge: {case} >= {goal} x offline qemu-img commit",
                      f"{c['mb_s']:.0f} vs {offline['mb_s']:.0f} MB/s (median paired ratio "
                      f"{c['vs_offline']:.2f}x)", verdict(c["ok"]), why])
@@ -166,7 +165,7 @@ def drive_targets(d: dict) -> list[list[str]]:
             continue
         ok = all(x >= 0.95 for x in c["active_ratios"])
         rows.append([f"live active commit >= 0.95 x offline in each run, drive {name}",
-                     " / ".join(f"{x:.2f}" for x in c["active_ratios"]) + "x", verdict(ok),
+                     " / ".join(f"{x:.3f}" for x in c["active_ratios"]) + "x", verdict(ok),
                      "the configuration domxml builds" if name == d.get("agent_config")
                      else ""])
     return rows
