@@ -1,6 +1,6 @@
 """`vmhost demo` end to end, as `make demo` runs it: exit 0, the story's key
-lines printed, under two minutes, nothing left behind; and a second run in
-the same state dir works too (idempotent)."""
+lines printed, under two minutes, nothing left behind; a failed run exits 1
+and cleans up too, and runs after it in the same state dir pass (idempotent)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,6 +10,7 @@ import sys
 import time
 
 from conftest import ROOT
+from vmhost.failpoints import ENV
 
 KEY_LINES = [
     "ok    merge done in",                                        # internal and active merge
@@ -26,27 +27,40 @@ KEY_LINES = [
 ]
 
 
-def run_demo(state_dir: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_demo(state_dir: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "demo", "--state-dir",
-                           state_dir], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           state_dir], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, **(env or {})})
+    print(proc.stdout, proc.stderr)
     return proc, time.monotonic() - started
 
 
-def test_demo_tells_the_story_and_cleans_up(workdir, libvirtd):
+def assert_nothing_left(libvirtd, state_dir: str) -> None:
+    """No VM of this state dir, no hiding mount over its storage."""
+    prefix = f"vmhost-demo-{hashlib.sha1(state_dir.encode()).hexdigest()[:6]}-"
+    assert [d.name() for d in libvirtd.listAllDomains(0) if d.name().startswith(prefix)] == []
+    with open("/proc/self/mounts") as f:
+        assert state_dir not in f.read()
+
+
+def test_demo_fails_cleanly_then_tells_the_story_twice(workdir, libvirtd):
     state_dir = os.path.join(workdir, "demo")
+    # The agent dies for good in the first merge (a failpoint in its environment).
+    proc, _ = run_demo(state_dir, {ENV: "merge.blockcommit.before"})
+    assert proc.returncode == 1
+    assert "FAIL  step 2 (merges) stopped" in proc.stdout
+    assert "\nFAIL: 1 of " in proc.stdout and "agent log" in proc.stdout
+    assert_nothing_left(libvirtd, state_dir)
+    assert os.path.exists(os.path.join(state_dir, "agent.log"))   # kept to look into
+
     for run in (1, 2):
         proc, took = run_demo(state_dir)
-        print(proc.stdout, proc.stderr)
         assert proc.returncode == 0, f"run {run}: exit {proc.returncode}"
         for line in KEY_LINES:
             assert line in proc.stdout, f"run {run}: {line!r} not printed"
         assert proc.stdout.count("ok    guest reads") == 7
         assert "FAIL" not in proc.stdout
         assert took < 120, f"run {run} took {took:.0f}s"
-        # Nothing left: no VM, no hiding mount, no state.
-        prefix = f"vmhost-demo-{hashlib.sha1(state_dir.encode()).hexdigest()[:6]}-"
-        assert [d.name() for d in libvirtd.listAllDomains(0) if d.name().startswith(prefix)] == []
-        with open("/proc/self/mounts") as f:
-            assert state_dir not in f.read()
+        assert_nothing_left(libvirtd, state_dir)
         assert not os.path.exists(state_dir)
