@@ -28,10 +28,10 @@ import libvirt
 import libvirt_qemu
 
 from vmhost.client import Client, TransportError
-from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
 from vmhost.testing import guestio
 from vmhost.testing.agentproc import AgentProcess
+from vmhost.testing.volumes import create_volume
 from vmhost.testing.waiting import wait_for  # noqa: F401 (the scripts import it from here)
 
 MiB = 1 << 20
@@ -281,12 +281,7 @@ class Bench:
         return os.path.join(self.image_dir(img), vol)
 
     def create_volume(self, img: str, parent: str | None = None, size: int = 64 * MiB) -> str:
-        vol = str(uuid.uuid4())
-        self.call("Volume.create", storagedomainID=self.sd, imageID=img, volumeID=vol,
-                  size=size, volFormat="COW", preallocate="SPARSE", diskType="DATA",
-                  desc="bench", srcImgUUID=img if parent else BLANK_UUID,
-                  srcVolUUID=parent or BLANK_UUID)
-        return vol
+        return create_volume(self.client, self.sd, img, parent=parent, size=size, desc="bench")
 
     def delete_volume(self, img: str, vol: str) -> None:
         self.call("Volume.delete", storagedomainID=self.sd, imageID=img, volumeID=vol)

@@ -19,6 +19,7 @@ from vmhost.storage.metadata import VolumeMetadata
 from vmhost.testing import guestio
 from vmhost.testing.agentproc import AgentProcess
 from vmhost.testing.outage import storage_hidden  # noqa: F401 (tests import it from here)
+from vmhost.testing.volumes import create_volume
 from vmhost.testing.waiting import wait_for
 from vmhost.virt import domxml
 
@@ -80,12 +81,8 @@ class Env:
 
     def create_volume(self, img: str, vol: str | None = None, parent: str | None = None,
                       size: int = 64 * MiB, fmt: str = "COW") -> str:
-        vol = vol or str(uuid.uuid4())
-        self.call("Volume.create", storagedomainID=self.sd, imageID=img, volumeID=vol,
-                  size=size, volFormat=fmt, preallocate="SPARSE", diskType="DATA",
-                  desc="test", srcImgUUID=img if parent else BLANK_UUID,
-                  srcVolUUID=parent or BLANK_UUID)
-        return vol
+        return create_volume(self.client, self.sd, img, vol=vol, parent=parent, size=size,
+                             fmt=fmt)
 
     def image_dir(self, img: str) -> str:
         return os.path.join(self.storage_root, self.sd, "images", img)

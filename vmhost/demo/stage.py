@@ -17,10 +17,10 @@ from collections.abc import Iterator
 import libvirt
 
 from vmhost.client import Client
-from vmhost.ids import BLANK_UUID
 from vmhost.testing import guestio
 from vmhost.testing.agentproc import AgentProcess
 from vmhost.testing.outage import storage_hidden, unhide_all
+from vmhost.testing.volumes import create_volume
 from vmhost.virt import domxml
 
 MiB = 1 << 20
@@ -169,12 +169,8 @@ class Stage:
         return os.path.join(self.storage_root, self.sd, "images", img)
 
     def create_volume(self, img: str, parent: str | None = None) -> str:
-        vol = str(uuid.uuid4())
-        self.call("Volume.create", storagedomainID=self.sd, imageID=img, volumeID=vol,
-                  size=DISK_SIZE, volFormat="COW", preallocate="SPARSE", diskType="DATA",
-                  desc="demo", srcImgUUID=img if parent else BLANK_UUID,
-                  srcVolUUID=parent or BLANK_UUID)
-        return vol
+        return create_volume(self.client, self.sd, img, parent=parent, size=DISK_SIZE,
+                             desc="demo")
 
     def domain_valid(self) -> bool:
         return self.call("Host.getStorageRepoStats", domains=[self.sd])[self.sd]["valid"]

@@ -132,14 +132,15 @@ def crash(stage: Stage, r: Report) -> None:
         r.check(took < 15, f"agent restarted and answers after {took:.1f}s, without its storage",
                 "more than 15s")
         entry = wait_for(lambda: stage.vm_jobs(vm).get(job), 15, "the job in vmJobs")
-        r.check(True, f"vmJobs still shows the merge: {entry['state']}, {_percent(entry)}%")
+        r.check(entry["state"] in ("commit", "ready"),
+                f"vmJobs still shows the merge: {entry['state']}, {_percent(entry)}%")
         wait_for(lambda: stage.domain_valid() is False, 15, "the domain to turn INVALID")
         r.say("Host.getStorageRepoStats: the storage domain is not valid")
         pending = wait_for(lambda: [p for p in stage.call("Host.getPendingWork")
                                     if job in p["key"] and p["requires"]], 60,
                            "the job to wait for its storage")
-        r.check(True, f"Host.getPendingWork: the merge's next step waits for: "
-                      f"{pending[0]['requires']}")
+        r.check(stage.sd in pending[0]["requires"],
+                f"Host.getPendingWork: the merge's next step waits for: {pending[0]['requires']}")
         r.check(vm.chain == stage.live_chain(vm), "meanwhile the VM runs on the same chain")
         back = time.monotonic()
     r.say("storage reachable again (tmpfs removed)")
@@ -192,7 +193,6 @@ def cold_merge_step(stage: Stage, r: Report) -> None:
         r.say("cold merge: not available in this build")
         return
     vm = stage.create_vm()
-    vm.writes = []
     stage.guest_write(vm, 0x88, 0, MiB)
     stage.snapshot(vm)
     stage.guest_write(vm, 0x99, MiB, MiB)
