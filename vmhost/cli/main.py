@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     _serve_parser(sub)
     demo = sub.add_parser("demo", help="snapshots, merges, a crash mid-merge, recovery: the whole story")
     demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
-    demo.add_argument("--keep", action="store_true", help="leave the VM running and the state dir in place")
+    demo.add_argument("--keep", action="store_true", help="leave the VM and volumes")
     cfg = sub.add_parser("config", help="configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     _config_flags(cfg_sub.add_parser("show", help="print the effective configuration (TOML)"))
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from vmhost.demo import run_demo
+        from vmhost.cli.demo import run_demo
         return run_demo(args.state_dir, keep=args.keep)
     if args.command == "pki":
         from vmhost.cli import pki as pkimod

@@ -1,4 +1,3 @@
-"""`vmhost demo` (`make demo`): the story of vmhost on one tiny VM, told
-against the public API and the client, every step one printed line. See
-story.py for the steps."""
-from vmhost.demo.story import run_demo  # noqa: F401
+"""The story `vmhost demo` tells (story.py), on a stage of its own (stage.py),
+with the four views of a chain (views.py) and its printed report (report.py).
+The command itself: vmhost/cli/demo.py."""

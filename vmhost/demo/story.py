@@ -34,26 +34,6 @@ from vmhost.testing.waiting import wait_for
 MiB = 1 << 20
 
 
-def run_demo(state_dir: str, keep: bool = False) -> int:
-    report, stage = Report(), Stage(state_dir)
-    step = "setting up"
-    try:
-        stage.prepare()
-        for step, fn in STEPS:
-            fn(stage, report)
-    except Exception as e:   # a step that cannot go on: report it, then clean up
-        report.error(step, e)
-    finally:
-        report.section("clean-up")
-        report.say(", ".join(stage.cleanup(keep_vm=keep)))
-    if keep or report.failed:
-        hint = f" (agent log: {stage.log_path})"
-    else:
-        stage.remove_state()
-        hint = ""
-    return report.summary(hint)
-
-
 # --- the steps ----------------------------------------------------------------------
 
 def start(stage: Stage, r: Report) -> None:
