@@ -20,7 +20,8 @@ import pytest
 from conftest import start_agent, storage_hidden, wait_for
 from scenario import build, check_no_leak, merge, record
 from vmhost.failpoints import ENV
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.virt import domxml
 
 MiB = 1 << 20
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmhost", description="vmhost host agent")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    demo = sub.add_parser("demo", help="create a VM, snapshot it twice, show its chain")
+    demo = sub.add_parser("demo", help="snapshots, merges, a crash mid-merge, recovery: the whole story")
     demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
     demo.add_argument("--keep", action="store_true", help="leave the VM and volumes")
     cfg = sub.add_parser("config", help="configuration")
