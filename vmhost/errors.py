@@ -56,6 +56,19 @@ class DestinationVolumeTooSmall(VmhostError):
     message = "Destination volume is too small"
 
 
+class GenerationMismatch(VmhostError):
+    """A volume's GEN is not the one the caller read (VDSM's fencing of
+    storage jobs). Code 100: VDSM's own code for it was not verified."""
+    code = 100
+    message = "Generation mismatch"
+
+
+class JobExists(VmhostError):
+    """A host job with this id is known (VDSM's jobs.JobExistsError)."""
+    code = 100
+    message = "Job already exists"
+
+
 class RecoveryInProgress(VmhostError):
     code = 99
     message = "Recovering from crash or Initializing"
