@@ -223,6 +223,10 @@ def test_refused_while_a_vm_uses_the_image_or_bad_subchain(root):
         rig.merger.merge(U(), subchain(rig, img, vols[0], vols[2]))
     with pytest.raises(errors.ImageFileNotFound):
         rig.merger.merge(U(), subchain(rig, img, vols[0], U()))
+    leaf = rig.md(img, vols[2])       # a pivot marker: the image needs a reconcile first
+    rig.storage.domain(rig.sd).write_metadata(leaf.replace(legality=Legality.ILLEGAL))
+    with pytest.raises(errors.InvalidParameter, match=f"ILLEGAL volume.*{vols[2]}.*reconcile"):
+        rig.merger.merge(U(), subchain(rig, img, vols[0], vols[1]))
     assert rig.merger.get_jobs() == {} and rig.merger.image_job(rig.sd, img) is None
     rig.storage.stop()
 
@@ -271,7 +275,9 @@ def test_crash_at_each_phase_boundary_then_resume_converges(root, monkeypatch, p
         assert json.load(f)["id"] == job
 
     again = rig.restart()
-    assert again.merger.image_job(again.sd, img) is None      # known once the scan ran
+    # The record holds the image before the start-up scan found it.
+    with pytest.raises(errors.VolumeIsBusy, match=job):
+        again.storage.delete_volume(again.sd, img, top)
     again.merger.resume()
     again.scheduler.drain()
     assert_merged(again, img, vols, ref, base, top, gen0)

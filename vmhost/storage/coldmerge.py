@@ -44,7 +44,8 @@ the job until it is (vmhost.scheduler).
 
 Ownership: while its record exists the job owns the image: no VM of this
 host starts on it, no volume of it is created or deleted (StorageService
-.image_job), no second job is accepted. Records of another host are left
+.image_job reads the records, so this holds before the start-up scan and
+for other hosts' records too), no second job is accepted. Records of another host are left
 alone: finishing them needs the image's lease (see `_may_take_over`).
 
 Reporting: Host.getJobs shows each job as VDSM's HostJobInfo; finished jobs
@@ -221,9 +222,15 @@ class ColdMerger:
                     if job_ids is None or j.id in job_ids}
 
     def image_job(self, sd_uuid: str, img_uuid: str) -> str | None:
-        """The job holding the image, if any (a record read at start-up too)."""
+        """The job holding the image, if any: one of ours, or a record on the
+        domain (another host's, or ours before the start-up scan found it).
+        Reads the domain: call it on the domain's executor."""
         with self._lock:
-            return self._images.get((sd_uuid, img_uuid))
+            job_id = self._images.get((sd_uuid, img_uuid))
+        if job_id is not None:
+            return job_id
+        records = self._records(self._storage.domain(sd_uuid))
+        return next((job.id for job in records if job.image == img_uuid), None)
 
     def resume(self) -> None:
         """At agent start: jobs whose records are on a domain resume when
@@ -243,9 +250,15 @@ class ColdMerger:
         if top_md.parent != base:
             raise errors.InvalidParameter(f"volume {base} is not the parent of {top} "
                                           f"(its parent is {top_md.parent})")
-        bad = [md.volume for md in (base_md, top_md) if md.legality is not Legality.LEGAL]
+        # A merged-away volume is garbage of no chain; any other ILLEGAL one
+        # (a pivot marker, a half-created volume) needs a reconcile first.
+        bad = [md.volume for md in image.all_volumes()
+               if md.legality is not Legality.LEGAL
+               and (md.volume in (base, top) or not md.merged_away)]
         if bad:
-            raise errors.InvalidParameter(f"volume(s) {', '.join(bad)} are ILLEGAL")
+            raise errors.InvalidParameter(
+                f"image {img} has ILLEGAL volume(s) {', '.join(bad)}: reconcile it first "
+                "(Image.reconcileVolumeChain)")
         if want_gen is not None and want_gen != base_md.generation:
             raise errors.GenerationMismatch(f"base volume {base} has GEN {base_md.generation}, "
                                             f"the request expects {want_gen}")
