@@ -69,6 +69,17 @@ class JobExists(VmhostError):
     message = "Job already exists"
 
 
+class NoSuchJob(VmhostError):
+    code = 100
+    message = "No such job"
+
+
+class JobInWrongState(VmhostError):
+    """Abort of a job past the point of no return, delete of a running one."""
+    code = 100
+    message = "Job is in the wrong state for this"
+
+
 class RecoveryInProgress(VmhostError):
     code = 99
     message = "Recovering from crash or Initializing"

@@ -77,6 +77,8 @@ VALID = [
                                                    "top_id": VOL, "base_generation": 3}}),
     ("Host.getJobs", {}),
     ("Host.getJobs", {"job_type": "storage", "job_ids": [VM]}),
+    ("Host.abortJob", {"job_id": VM}),
+    ("Host.deleteJob", {"job_id": VM}),
 ]
 
 

@@ -13,7 +13,7 @@ from vmhost import errors, failpoints
 from vmhost.ids import BLANK_UUID
 from vmhost.scheduler import DONE, Blocked
 from vmhost.storage import qemu_img
-from vmhost.storage.coldmerge import ColdMerger
+from vmhost.storage.coldmerge import ColdMerger, Phase
 from vmhost.storage.metadata import Legality, VolType
 from vmhost.storage.service import StorageService
 
@@ -182,6 +182,43 @@ def test_progress_is_reported_during_the_commit(root):
     rig.merger.merge(job, subchain(rig, img, vols[0], vols[1]))
     rig.scheduler.drain()
     assert seen and seen[0] == 0 and rig.merger.get_jobs()[job]["progress"] == 100
+    rig.storage.stop()
+
+
+def test_abort_during_the_commit_keeps_the_chain_and_delete_forgets_the_job(root):
+    rig = Rig(root)
+    img, vols, ref = build(rig)
+    job = U()
+    set_progress = rig.merger._set_progress
+
+    def abort_at_first_report(job_id, percent):
+        set_progress(job_id, percent)
+        if percent < 100:
+            rig.merger.abort(job_id)
+    rig.merger._set_progress = abort_at_first_report
+    rig.merger.merge(job, subchain(rig, img, vols[0], vols[1]))
+    gen0 = rig.md(img, vols[0]).generation
+    rig.scheduler.drain()
+    assert rig.merger.get_jobs()[job]["status"] == "aborted"
+    assert rig.md(img, vols[1]).legality is Legality.LEGAL
+    assert rig.md(img, vols[0]).generation == gen0
+    assert [md.volume for md in rig.storage.volume_chain(rig.sd, img, vols[2])] == vols
+    assert qemu_img.compare(ref, rig.path(img, vols[2]))
+    assert os.listdir(rig.jobs_dir()) == [] and rig.merger.image_job(rig.sd, img) is None
+    with pytest.raises(errors.JobInWrongState, match="ended"):
+        rig.merger.abort(job)
+    rig.merger.delete(job)
+    assert rig.merger.get_jobs() == {}
+    with pytest.raises(errors.NoSuchJob):
+        rig.merger.delete(job)
+    # Past the commit an abort is refused; a running job cannot be deleted.
+    job2 = U()
+    rig.merger.merge(job2, subchain(rig, img, vols[0], vols[1]))
+    with pytest.raises(errors.JobInWrongState, match="abort it first"):
+        rig.merger.delete(job2)
+    rig.merger._live[job2].phase = Phase.REBASE      # as if the commit had completed
+    with pytest.raises(errors.JobInWrongState, match="REBASE"):
+        rig.merger.abort(job2)
     rig.storage.stop()
 
 

@@ -56,6 +56,8 @@ class VmService(Protocol):
 class JobService(Protocol):
     def merge(self, job_id: str, subchain: dict) -> None: ...
     def get_jobs(self, job_type: str | None, job_ids: list[str] | None) -> dict: ...
+    def abort(self, job_id: str) -> None: ...
+    def delete(self, job_id: str) -> None: ...
 
 
 class Services(Protocol):
@@ -141,6 +143,8 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
     "SDM.merge": lambda s, p: s.jobs.merge(job_id=p["job_id"], subchain=p["subchain_info"]),
     "Host.getJobs": lambda s, p: s.jobs.get_jobs(job_type=p.get("job_type"),
                                                  job_ids=p.get("job_ids")),
+    "Host.abortJob": lambda s, p: s.jobs.abort(job_id=p["job_id"]),
+    "Host.deleteJob": lambda s, p: s.jobs.delete(job_id=p["job_id"]),
 }
 
 

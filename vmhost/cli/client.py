@@ -490,9 +490,11 @@ def cold_snapshot_remove(client: Client, sd: str, image: str, volume: str) -> li
     client.call("SDM.merge", job_id=job_id, subchain_info={
         "sd_id": sd, "img_id": image, "base_id": base, "top_id": volume,
         "base_generation": generation})
-    job = wait_for_host_job(client, job_id, hint=f"the merge goes on in the agent: "
-                            f"vmhost-client{_url_option(client)} Host getJobs "
-                            f"job_ids='[\"{job_id}\"]'")
+    job = wait_for_host_job(client, job_id, hint=(
+        f"cold merge job {job_id} goes on in the agent.\nTo abort it: vmhost-client"
+        f"{_url_option(client)} Host abortJob job_id={job_id}\nOnce it is done, delete the "
+        f"volume: vmhost-client{_url_option(client)} Volume delete storagedomainID={sd} "
+        f"imageID={image} volumeID={volume}"))
     if job["status"] == "gone":
         # The agent restarted and forgot the job: the base's GEN tells the outcome.
         done = info(base)["generation"] == generation + 1

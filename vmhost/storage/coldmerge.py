@@ -36,6 +36,9 @@ reading the storage, even when the host that ran the job is gone; a GEN
 other than N or N+1 means someone fenced the job: it stops (FAILED) without
 touching anything more.
 
+Abort (Host.abortJob): accepted in PREPARE and COMMIT only; qemu-img is
+killed and the record removed: ABORTED, the chain as before.
+
 Failure: an error in PREPARE or COMMIT (qemu-img failed: no space, a bad
 image) ends the job FAILED and removes its record: the chain is as before
 (top over base; the base may have grown). From REBASE on the job only goes
@@ -83,6 +86,9 @@ class Phase(str, enum.Enum):
     COMMIT = "COMMIT"
     REBASE = "REBASE"
     FINALIZE = "FINALIZE"
+
+
+ABORTABLE = {Phase.PREPARE, Phase.COMMIT}     # before the commit completed
 
 
 class Fenced(Exception):
@@ -174,6 +180,7 @@ class ColdMerger:
         self._reports: dict[str, HostJob] = {}
         self._live: dict[str, ColdMergeJob] = {}             # job id -> running job
         self._images: dict[tuple[str, str], str] = {}        # (sd, img) -> job id holding it
+        self._aborting: set[str] = set()
 
     # --- API ----------------------------------------------------------------
 
@@ -220,6 +227,35 @@ class ColdMerger:
             self._prune()
             return {j.id: j.info() for j in self._reports.values()
                     if job_ids is None or j.id in job_ids}
+
+    def abort(self, job_id: str) -> None:
+        """Host.abortJob: a job in PREPARE or COMMIT stops (qemu-img is killed)
+        and ends ABORTED with the chain as it was. Past the commit a job only
+        goes forward: refused. Returns at once; Host.getJobs shows the end."""
+        check_uuid(job_id, "job_id")
+        with self._lock:
+            job = self._live.get(job_id)
+            if job is None:
+                report = self._reports.get(job_id)
+                if report is None:
+                    raise errors.NoSuchJob(job_id)
+                raise errors.JobInWrongState(f"job {job_id} has ended ({report.status})")
+            if job.phase not in ABORTABLE:
+                raise errors.JobInWrongState(f"job {job_id} is in {job.phase.value}: past the "
+                                             "commit a cold merge only finishes")
+            self._aborting.add(job_id)
+        log.info("cold merge %s: abort requested", job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Host.deleteJob: forget an ended job (it leaves Host.getJobs)."""
+        check_uuid(job_id, "job_id")
+        with self._lock:
+            report = self._reports.get(job_id)
+            if report is None:
+                raise errors.NoSuchJob(job_id)
+            if report.ended is None:
+                raise errors.JobInWrongState(f"job {job_id} is {report.status}; abort it first")
+            del self._reports[job_id]
 
     def image_job(self, sd_uuid: str, img_uuid: str) -> str | None:
         """The job holding the image, if any: one of ours, or a record on the
@@ -371,6 +407,8 @@ class ColdMerger:
             if not self._storage.domain_valid(job.domain):
                 return self._blocked(job.domain)
             phase = job.phase
+            if self._abort_requested(job):
+                return self._aborted(job)
             try:
                 finished = self._storage.run_on_domain(
                     job.domain, f"cold merge {job.id}: {phase.value}",
@@ -379,6 +417,8 @@ class ColdMerger:
             except Fenced as e:
                 self._end(job, FAILED, f"fenced: {e}")
                 return DONE
+            except qemu_img.Stop:
+                return self._aborted(job)
             except errors.StorageDomainUnavailable as e:
                 return Retry(str(e))
             except Exception as e:
@@ -393,8 +433,19 @@ class ColdMerger:
                 self._end(job, DONE_, "")
                 return DONE
 
+    def _abort_requested(self, job: ColdMergeJob) -> bool:
+        with self._lock:
+            return job.id in self._aborting and job.phase in ABORTABLE
+
+    def _aborted(self, job: ColdMergeJob) -> Outcome:
+        """Before the commit completed: top still overlays base, nothing to undo."""
+        self._drop_record(job)
+        self._end(job, ABORTED, "")
+        return DONE
+
     def _end(self, job: ColdMergeJob, status: str, error: str) -> None:
         with self._lock:
+            self._aborting.discard(job.id)
             self._live.pop(job.id, None)
             if self._images.get((job.domain, job.image)) == job.id:
                 del self._images[(job.domain, job.image)]
@@ -414,9 +465,12 @@ class ColdMerger:
             log.warning("cold merge %s: could not remove its record: %s", job.id, e)
 
     def _progress(self, job_id: str, percent: float) -> None:
-        """qemu-img's progress (from its reader thread)."""
+        """qemu-img's progress (from its reader thread); Stop ends the commit."""
         self._set_progress(job_id, percent)
         failpoints.hit("coldmerge.commit.running")
+        with self._lock:
+            if job_id in self._aborting:
+                raise qemu_img.Stop(f"job {job_id} aborted")
 
     def _set_progress(self, job_id: str, percent: float) -> None:
         with self._lock:

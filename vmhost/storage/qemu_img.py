@@ -40,6 +40,11 @@ class QemuImgTimeout(QemuImgError):
     """The command did not finish by its deadline and was killed."""
 
 
+class Stop(Exception):
+    """Raised by an output handler to end the command: the child is killed
+    and Stop is raised to the caller (an aborted job)."""
+
+
 def _spawn(cmd: list[str], timeout: float | None = None,
            on_output: Callable[[str], None] | None = None,
            die_with_parent: bool = False) -> subprocess.CompletedProcess:
@@ -72,8 +77,8 @@ def _follow(proc: subprocess.Popen, on_output: Callable[[str], None],
             limit: float) -> tuple[str, str]:
     """Feed stdout to on_output while it comes; stderr is collected. An
     Exception in on_output is logged (a reporting bug must not stop the
-    command); anything else it raises (a simulated crash) kills the child
-    and is raised here."""
+    command); Stop, or anything that is not an Exception (a simulated crash),
+    kills the child and is raised here."""
     stop: list[BaseException] = []
 
     def read_stdout() -> None:
@@ -82,9 +87,10 @@ def _follow(proc: subprocess.Popen, on_output: Callable[[str], None],
         while chunk := os.read(proc.stdout.fileno(), 4096):
             try:
                 on_output(chunk.decode(errors="replace"))
-            except Exception:
-                log.exception("qemu-img output handler failed")
             except BaseException as e:
+                if isinstance(e, Exception) and not isinstance(e, Stop):
+                    log.exception("qemu-img output handler failed")
+                    continue
                 stop.append(e)
                 proc.kill()
                 return
