@@ -60,12 +60,12 @@ class Rig:
 
     def __init__(self, root: str, sd: str | None = None, host: str = HOST):
         self.root = root
-        self.storage = StorageService(os.path.join(root, "state"), monitor_interval=0.2)
+        # Few monitor probes: their children must not outlive the test.
+        self.storage = StorageService(os.path.join(root, "state"), monitor_interval=3600)
         self.sd = sd or U()
         if sd is None:
             os.makedirs(os.path.join(root, "sd"))
             self.storage.create_domain(self.sd, "localfs", os.path.join(root, "sd"), "unit")
-        self.storage.start()
         self.storage.domain_valid = lambda sd: True      # the monitor is not what we test
         self.scheduler = FakeScheduler()
         self.in_use: set[str] = set()
