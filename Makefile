@@ -31,7 +31,8 @@ faults: setup
 	rm -f reports/faults.jsonl reports/fuzz.json
 	VMHOST_FAULTS_REPORT=$(CURDIR)/reports/faults.jsonl VMHOST_FUZZ_REQUESTS=10000 \
 	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
-	    tests/integration/test_crash_matrix.py tests/integration/faults tests/faults
+	    tests/integration/test_crash_matrix.py tests/integration/test_cold_merge.py \
+	    tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 
 # Benchmarks (recovery at scale, merge throughput, completion latency, API):

@@ -28,7 +28,8 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
     for name, title in (("random-kill", "Random SIGKILL rounds (seeded)"),
                         ("libvirtd-restart", "libvirtd restarted mid-merge"),
                         ("storage-outage", "Storage unreachable during cleanup"),
-                        ("qemu-crash", "QEMU killed mid-merge, VM started again")):
+                        ("qemu-crash", "QEMU killed mid-merge, VM started again"),
+                        ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",
