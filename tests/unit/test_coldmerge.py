@@ -245,6 +245,7 @@ def test_a_job_fenced_by_a_gen_change_stops_without_touching_anything(root):
     info = rig.merger.get_jobs()[job]
     assert info["status"] == "failed" and "fenced" in info["error"]["message"]
     assert rig.md(img, vols[1]).legality is Legality.LEGAL
+    assert os.listdir(rig.jobs_dir()) == [] and rig.merger.image_job(rig.sd, img) is None
     assert qemu_img.compare(ref, rig.path(img, vols[2]))
     rig.storage.stop()
 

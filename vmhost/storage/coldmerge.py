@@ -33,8 +33,8 @@ must equal `base_generation` when the caller gives one); nothing writes the
 base's GEN while the job runs, and the job's last write sets GEN+1 together
 with the result. So "base GEN is N+1" means "the merge is done" for anyone
 reading the storage, even when the host that ran the job is gone; a GEN
-other than N or N+1 means someone fenced the job: it stops (FAILED) without
-touching anything more.
+other than N or N+1 means someone fenced the job: it stops (FAILED) and
+removes its record without touching any volume.
 
 Abort (Host.abortJob): accepted in PREPARE and COMMIT only; qemu-img is
 killed and the record removed: ABORTED, the chain as before.
@@ -69,7 +69,7 @@ from vmhost import errors, failpoints
 from vmhost.fsutil import atomic_write, fsync_dir, unlink_durable
 from vmhost.ids import check_uuid, is_uuid
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
-from vmhost.storage import qemu_img
+from vmhost.storage import executor, qemu_img
 from vmhost.storage.domain import StorageDomain
 from vmhost.storage.image import Image
 from vmhost.storage.metadata import Legality, VolType, VolumeMetadata
@@ -311,6 +311,10 @@ class ColdMerger:
         if len(kids) > 1:
             raise errors.InvalidParameter(f"volume {top} has several children: {kids}")
         # Hook for the fleet: take the image's lease here, before the record.
+        if executor.remaining(1.0) <= 0:
+            # The caller was told this failed (a slow domain): no record now,
+            # or a job it believes refused would run after the next start.
+            raise errors.StorageDomainUnavailable(f"storage domain {sd} answered too late")
         job = ColdMergeJob(id=job_id, domain=sd, image=img, base=base, top=top,
                            child=kids[0] if kids else "", generation=base_md.generation,
                            top_capacity=top_md.capacity, host=self._host_id)
@@ -415,6 +419,8 @@ class ColdMerger:
                     lambda: self._STEPS[phase](self, job),
                     timeout=self._commit_timeout if phase is Phase.COMMIT else None)
             except Fenced as e:
+                # The fencer owns the image now: our record must not hold it.
+                self._drop_record(job)
                 self._end(job, FAILED, f"fenced: {e}")
                 return DONE
             except qemu_img.Stop:
