@@ -11,7 +11,7 @@ import pytest
 
 from vmhost import errors, failpoints
 from vmhost.ids import BLANK_UUID
-from vmhost.scheduler import DONE, Blocked
+from vmhost.scheduler import DONE, Blocked, Retry
 from vmhost.storage import qemu_img
 from vmhost.storage.coldmerge import ColdMerger, Phase
 from vmhost.storage.metadata import Legality, VolType
@@ -219,6 +219,31 @@ def test_abort_during_the_commit_keeps_the_chain_and_delete_forgets_the_job(root
     rig.merger._live[job2].phase = Phase.REBASE      # as if the commit had completed
     with pytest.raises(errors.JobInWrongState, match="REBASE"):
         rig.merger.abort(job2)
+    rig.storage.stop()
+
+
+def test_a_failed_commit_ends_failed_and_a_locked_image_is_retried(root, monkeypatch):
+    rig = Rig(root)
+    img, vols, ref = build(rig)
+    gen0 = rig.md(img, vols[0]).generation
+    errs = ["Failed to get \"write\" lock", "No space left on device"]
+
+    def commit(top, **kw):
+        raise qemu_img.QemuImgError(["qemu-img", "commit"], 1, errs.pop(0))
+    monkeypatch.setattr(qemu_img, "commit", commit)
+    job = U()
+    rig.merger.merge(job, subchain(rig, img, vols[0], vols[1]))
+    (fn,) = rig.scheduler.items.values()
+    outcome = fn()                      # the lock: someone else still has it open
+    assert isinstance(outcome, Retry) and "lock" in outcome.reason
+    assert rig.merger.get_jobs()[job]["status"] == "running"
+    assert fn() is DONE                 # no space: the job fails, the chain is as before
+    info = rig.merger.get_jobs()[job]
+    assert info["status"] == "failed" and "No space" in info["error"]["message"]
+    assert info["error"]["code"] == errors.MergeFailed.code
+    assert os.listdir(rig.jobs_dir()) == [] and rig.merger.image_job(rig.sd, img) is None
+    assert rig.md(img, vols[0]).generation == gen0
+    assert qemu_img.compare(ref, rig.path(img, vols[2]))
     rig.storage.stop()
 
 
