@@ -35,7 +35,8 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
                         ("failed-pivot", "Agent killed inside a failed pivot"),
                         ("vm-gone", "VM gone mid-merge: its storage work as an image repair"),
                         ("snapshot-crash", "Agent killed inside VM.snapshot"),
-                        ("delete-crash", "Agent killed inside Volume.delete")):
+                        ("delete-crash", "Agent killed inside Volume.delete"),
+                        ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",

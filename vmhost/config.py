@@ -46,6 +46,9 @@ class Config:
     final_job_ttl: float = 10.0              # seconds a finished job stays in vmJobs once shown
     job_history_size: int = 1000             # finished jobs kept for Host.getJobHistory
     job_history_ttl: float = 7 * 86400.0     # seconds a finished job is kept
+    # Storage jobs (cold merge, vmhost/storage/coldmerge.py)
+    cold_merge_timeout: float = 6 * 3600.0   # deadline of one qemu-img commit
+    storage_job_ttl: float = 3600.0          # seconds a finished job stays in Host.getJobs
     # Scheduler
     workers: int = 8                         # threads running scheduled work
     retry_backoff_max: float = 30.0          # ceiling of the retry backoff, seconds

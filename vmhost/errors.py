@@ -56,6 +56,30 @@ class DestinationVolumeTooSmall(VmhostError):
     message = "Destination volume is too small"
 
 
+class GenerationMismatch(VmhostError):
+    """A volume's GEN is not the one the caller read (VDSM's fencing of
+    storage jobs). Code 100: VDSM's own code for it was not verified."""
+    code = 100
+    message = "Generation mismatch"
+
+
+class JobExists(VmhostError):
+    """A host job with this id is known (VDSM's jobs.JobExistsError)."""
+    code = 100
+    message = "Job already exists"
+
+
+class NoSuchJob(VmhostError):
+    code = 100
+    message = "No such job"
+
+
+class JobInWrongState(VmhostError):
+    """Abort of a job past the point of no return, delete of a running one."""
+    code = 100
+    message = "Job is in the wrong state for this"
+
+
 class RecoveryInProgress(VmhostError):
     code = 99
     message = "Recovering from crash or Initializing"

@@ -74,6 +74,12 @@ VALID = [
     ("Host.getJobHistory", {}),
     ("VM.synchronizeDisks", {"vmID": VM}),
     ("Image.reconcileVolumeChain", {"storagedomainID": SD, "imageID": IMG, "leafVolID": VOL}),
+    ("SDM.merge", {"job_id": VM, "subchain_info": {"sd_id": SD, "img_id": IMG, "base_id": VOL,
+                                                   "top_id": VOL, "base_generation": 3}}),
+    ("Host.getJobs", {}),
+    ("Host.getJobs", {"job_type": "storage", "job_ids": [VM]}),
+    ("Host.abortJob", {"job_id": VM}),
+    ("Host.deleteJob", {"job_id": VM}),
 ]
 
 

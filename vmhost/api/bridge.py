@@ -53,10 +53,18 @@ class VmService(Protocol):
     def synchronize_disks(self, vm_id: str) -> dict: ...
 
 
+class JobService(Protocol):
+    def merge(self, job_id: str, subchain: dict) -> None: ...
+    def get_jobs(self, job_type: str | None, job_ids: list[str] | None) -> dict: ...
+    def abort(self, job_id: str) -> None: ...
+    def delete(self, job_id: str) -> None: ...
+
+
 class Services(Protocol):
     host: HostService
     storage: StorageService
     vms: VmService
+    jobs: JobService
 
 
 # VDSM's numeric codes (storage/constants.py) -> the names services use.
@@ -133,6 +141,11 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
     "VM.synchronizeDisks": lambda s, p: s.vms.synchronize_disks(vm_id=p["vmID"]),
     "Image.reconcileVolumeChain": lambda s, p: s.storage.reconcile_chain(
         sd_uuid=p["storagedomainID"], img_uuid=p["imageID"], leaf_uuid=p["leafVolID"]),
+    "SDM.merge": lambda s, p: s.jobs.merge(job_id=p["job_id"], subchain=p["subchain_info"]),
+    "Host.getJobs": lambda s, p: s.jobs.get_jobs(job_type=p.get("job_type"),
+                                                 job_ids=p.get("job_ids")),
+    "Host.abortJob": lambda s, p: s.jobs.abort(job_id=p["job_id"]),
+    "Host.deleteJob": lambda s, p: s.jobs.delete(job_id=p["job_id"]),
 }
 
 

@@ -3,6 +3,7 @@
     <root>/<sdUUID>/dom_md/metadata
     <root>/<sdUUID>/images/<imgUUID>/<volUUID>        (qcow2 or raw data)
     <root>/<sdUUID>/images/<imgUUID>/<volUUID>.meta   (VolumeMetadata)
+    <root>/<sdUUID>/jobs/<jobUUID>.json               (storage job records)
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ class FileStorageDomain(StorageDomain):
 
     def metadata_probe_path(self) -> str:
         return os.path.join(self._dir, "dom_md", "metadata")
+
+    def jobs_dir(self) -> str:
+        return os.path.join(self._dir, "jobs")
 
     # --- queries ----------------------------------------------------------
 

@@ -67,6 +67,8 @@ class StorageService:
         self._op_timeout = op_timeout
         self._workers, self._queue_size = workers, queue_size
         self.volume_in_use = volume_in_use
+        # The storage job holding an image (vmhost.storage.coldmerge), if any.
+        self.image_job: Callable[[str, str], str | None] = lambda sd, img: None
         self._lock = threading.Lock()
         # image -> [lock, users]: an entry lives only while someone uses it.
         self._image_locks: dict[tuple[str, str], list] = {}
@@ -117,14 +119,21 @@ class StorageService:
                     on_drained=lambda: self._drained(sd_uuid))
             return ex
 
-    def _run(self, sd_uuid: str, what: str, fn: Callable[[], T]) -> T:
+    def run_on_domain(self, sd_uuid: str, what: str, fn: Callable[[], T],
+                      timeout: float | None = None) -> T:
+        """fn() on the domain's executor, for storage jobs (a cold merge's
+        phases); `timeout` replaces the storage deadline for a long phase."""
+        return self._run(sd_uuid, what, fn, timeout)
+
+    def _run(self, sd_uuid: str, what: str, fn: Callable[[], T],
+             timeout: float | None = None) -> T:
         """fn() on the domain's executor within the storage deadline. Past it:
         StorageDomainUnavailable naming the domain, and the domain INVALID
         until the hung operations return and a probe succeeds."""
         self.domain(sd_uuid)     # validates the id; 358 for an unknown domain
         ex = self._executor(sd_uuid)
         try:
-            return ex.run(what, fn, self._op_timeout)
+            return ex.run(what, fn, self._op_timeout if timeout is None else timeout)
         except executor.Timeout as e:
             reason = (f"storage domain {sd_uuid} did not answer: {e}; it is INVALID until "
                       "the operation returns")
@@ -177,6 +186,11 @@ class StorageService:
     def _image(self, sd_uuid: str, img_uuid: str) -> Image:
         check_uuid(img_uuid, "imageID")
         return Image(self.domain(sd_uuid), img_uuid)
+
+    def _refuse_if_held(self, sd_uuid: str, img_uuid: str) -> None:
+        job = self.image_job(sd_uuid, img_uuid)
+        if job is not None:
+            raise errors.VolumeIsBusy(f"image {img_uuid} is held by storage job {job}")
 
     @contextlib.contextmanager
     def _image_lock(self, sd_uuid: str, img_uuid: str) -> Iterator[None]:
@@ -280,6 +294,7 @@ class StorageService:
         if parent and src_img_uuid not in (BLANK_UUID, img_uuid):
             raise errors.InvalidParameter(
                 "srcImgUUID must be imageID: a parent in another image is not supported")
+        self._refuse_if_held(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             md = image.create_volume(vol_uuid, size, fmt, prealloc, disk_type, desc, parent)
         return self._volume_dict(image, md)
@@ -295,6 +310,7 @@ class StorageService:
         delete it got no answer for), see Image.delete_volume."""
         image = self._image(sd_uuid, img_uuid)
         check_uuid(vol_uuid, "volumeID")
+        self._refuse_if_held(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             image.delete_volume(vol_uuid,
                                 lambda vol: self.volume_in_use(sd_uuid, img_uuid, vol))
@@ -308,6 +324,7 @@ class StorageService:
                       allow_illegal: bool = False) -> PreparedImage:
         """The chain a VM will run on, base first; refuses ILLEGAL volumes."""
         image = self._image(sd_uuid, img_uuid)
+        self._refuse_if_held(sd_uuid, img_uuid)
         chain = image.chain(check_uuid(leaf_uuid, "volumeID"))
         bad = [md.volume for md in chain if md.legality is not Legality.LEGAL]
         if bad and not allow_illegal:
@@ -346,6 +363,7 @@ class StorageService:
         then the metadata is synced to that chain. Returns it, base first."""
         image = self._image(sd_uuid, img_uuid)
         check_uuid(leaf_uuid, "leafVolID")
+        self._refuse_if_held(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             image.volume(leaf_uuid)
             if self.volume_in_use(sd_uuid, img_uuid, leaf_uuid):
