@@ -23,4 +23,10 @@ getent passwd libvirt-qemu >/dev/null || useradd -r -u 64055 -g kvm -G libvirt-q
     -d /var/lib/libvirt -M -s /usr/sbin/nologin -c "Libvirt Qemu" libvirt-qemu
 mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
 if [ -c /dev/kvm ]; then chgrp kvm /dev/kvm; chmod 0660 /dev/kvm; fi
+# Drives use aio=native: every QEMU takes kernel AIO contexts, and the default
+# limit (65536 events) runs out at a few dozen VMs ("failed to create linux AIO
+# context"). Hypervisor hosts raise it.
+if [ "$(cat /proc/sys/fs/aio-max-nr)" -lt 1048576 ]; then
+    sysctl -q -w fs.aio-max-nr=1048576 || echo "setup: cannot raise fs.aio-max-nr" >&2
+fi
 exec scripts/start-libvirt.sh
