@@ -22,4 +22,6 @@ Layout (lab dir, default /var/lib/vmhost-lab; `--dir` or $VMHOST_LAB_DIR):
     hosts/hostN/           one host: run/ etc-libvirt/ var-lib-libvirt/ ... vmhost/ (agent
                            state dir), vmhost.toml (agent config), host.json (init's config),
                            log/ (console, virtlogd, sanlock, libvirtd, agent)
+    /run/vmhost-lab/<lab>/hostN -> hosts/hostN/run: short paths for the hosts' sockets
+                           (`status` gives each host's libvirt URI through it)
 """

@@ -33,6 +33,8 @@ AGENT_PORT = 54321
 # sanlock's host_dead_seconds = 8 * io_timeout + 60 (no watchdog: its fire timeout).
 DEFAULT_IO_TIMEOUT = 1
 SUBNET_PREFIX = "10.237"          # each lab takes a free 10.237.X.0/24
+# Short links to the hosts' /run directories: a unix socket path must fit in 108 bytes.
+LINKS_DIR = "/run/vmhost-lab"
 # The host's own copies of these machine directories (name under the host dir, target).
 BINDS = (("run", "/run"), ("etc-libvirt", "/etc/libvirt"), ("var-lib-libvirt", "/var/lib/libvirt"),
          ("var-log-libvirt", "/var/log/libvirt"), ("var-cache-libvirt", "/var/cache/libvirt"))
@@ -181,6 +183,7 @@ class Lab:
                     procs.sigkill(*h.init)
                     self._wait_gone(h, 30)
             subprocess.run(["ip", "link", "del", state.bridge], stderr=subprocess.DEVNULL)
+            shutil.rmtree(_links_dir(state), ignore_errors=True)
 
     def pids(self, name: str) -> list[int]:
         """Every live process of a host (outside pids), for tests and `status`."""
@@ -219,15 +222,26 @@ class Lab:
 
     def _status(self, state: LabState) -> list[dict]:
         return [{"name": h.name, "hostId": h.hostId, "url": _url(h),
-                 "libvirtUri": self._libvirt_uri(h),
+                 "libvirtUri": self._libvirt_uri(state, h),
                  "up": self._running(h) and _answers(_url(h))} for h in state.hosts]
 
-    def _libvirt_uri(self, h: HostState) -> str:
-        sock = os.path.join(self.host_dir(h.name), "run", "libvirt", "libvirt-sock")
+    def _libvirt_uri(self, state: LabState, h: HostState) -> str:
+        sock = os.path.join(_links_dir(state), h.name, "libvirt", "libvirt-sock")
         return f"qemu+unix:///system?socket={sock}"
+
+    def _link_run(self, state: LabState, h: HostState) -> None:
+        """LINKS_DIR/<lab>/<host> -> the host's /run, replaced atomically."""
+        links = _links_dir(state)
+        os.makedirs(links, mode=0o755, exist_ok=True)
+        tmp = os.path.join(links, f".{h.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.join(self.host_dir(h.name), "run"), tmp)
+        os.rename(tmp, os.path.join(links, h.name))
 
     def _boot(self, state: LabState, h: HostState) -> None:
         spec_path = self._prepare_host(state, h)
+        self._link_run(state, h)
         hd = self.host_dir(h.name)
         console = open(os.path.join(hd, "log", "console.log"), "ab")
         try:
@@ -290,6 +304,10 @@ class Lab:
                                f"{self.host_dir(h.name)}/log/")
             return _answers(_url(h))
         procs.wait_until(ready, timeout, f"{h.name}'s agent to answer at {_url(h)}", 0.1)
+
+
+def _links_dir(state: LabState) -> str:
+    return os.path.join(LINKS_DIR, state.labId[:8])
 
 
 def _url(h: HostState) -> str:

@@ -1,0 +1,115 @@
+"""`vmhost lab`: hosts on one machine, each in its own namespaces with its own
+libvirtd, virtlogd, sanlock daemon and agent, driven through the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import libvirt
+import pytest
+
+from conftest import ROOT, VM_PREFIX
+from vmhost.client import Client
+from vmhost.lab import procs
+from vmhost.lab.lab import Lab
+
+# A VM with no disk: enough to have a QEMU process on a host.
+DISKLESS_VM = """<domain type='kvm'><name>{name}</name><memory unit='MiB'>32</memory>
+<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices/></domain>"""
+
+
+def lab_cli(lab_dir: str, *args: str, timeout: float = 180) -> str:
+    done = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "lab", "--dir", lab_dir, *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, f"lab {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture
+def lab_dir(workdir):
+    path = os.path.join(workdir, "lab")
+    yield path
+    # Whatever happened, nothing of the lab may outlive the test.
+    subprocess.run([sys.executable, "-m", "vmhost.cli.main", "lab", "--dir", path, "down"],
+                   env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
+
+
+def status(lab_dir: str) -> dict:
+    return json.loads(lab_cli(lab_dir, "status", "--json"))
+
+
+def ping(url: str) -> bool:
+    with Client(url, timeout=10) as c:
+        return c.call("Host.ping")
+
+
+def commands(pids: list[int]) -> set[str]:
+    names = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                names.add(f.read().strip())
+        except FileNotFoundError:
+            pass
+    return names
+
+
+def test_lab_up_status_poweroff_boot_down(lab_dir, workdir):
+    storage = os.path.join(workdir, "shared")
+    up = json.loads(lab_cli(lab_dir, "up", "--hosts", "3", "--storage", storage, "--json"))
+    assert up == status(lab_dir)
+    assert up["storage"] == storage and os.path.isdir(storage)
+    hosts = {h["name"]: h for h in up["hosts"]}
+    assert [(h["name"], h["hostId"], h["up"]) for h in up["hosts"]] == [
+        ("host1", 1, True), ("host2", 2, True), ("host3", 3, True)]
+    assert len({h["url"] for h in up["hosts"]}) == 3
+    # Idempotent: a second `up` starts nothing new.
+    lab = Lab(lab_dir)
+    before = {name: sorted(lab.pids(name)) for name in hosts}
+    assert json.loads(lab_cli(lab_dir, "up", "--hosts", "3", "--json")) == up
+    assert {name: sorted(lab.pids(name)) for name in hosts} == before
+
+    # Each host: its agent answers, its libvirtd is its own (hostname, domains).
+    conns = {name: libvirt.open(h["libvirtUri"]) for name, h in hosts.items()}
+    try:
+        for name, h in hosts.items():
+            assert ping(h["url"]) is True
+            assert conns[name].getHostname() == name
+        defined = conns["host1"].defineXML(DISKLESS_VM.format(name=VM_PREFIX + "lab-defined"))
+        assert defined.name() in [d.name() for d in conns["host1"].listAllDomains()]
+        for other in ("host2", "host3"):
+            assert conns[other].listAllDomains() == []
+        # A running QEMU on host2, so the power cut has a VM to kill.
+        conns["host2"].createXML(DISKLESS_VM.format(name=VM_PREFIX + "lab-running"), 0)
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+    host2 = lab.pids("host2")
+    assert {"libvirtd", "virtlogd", "sanlock", "qemu-system-x86"} <= commands(host2)
+    assert len(commands(host2)) >= 5   # and the agent (python) and the host's init
+
+    lab_cli(lab_dir, "poweroff", "host2")
+    assert [pid for pid in host2 if procs.start_time(pid)] == []
+    after = {h["name"]: h["up"] for h in status(lab_dir)["hosts"]}
+    assert after == {"host1": True, "host2": False, "host3": True}
+    assert ping(hosts["host1"]["url"]) and ping(hosts["host3"]["url"])
+
+    lab_cli(lab_dir, "boot", "host2")
+    assert ping(hosts["host2"]["url"]) is True
+    conn = libvirt.open(hosts["host2"]["libvirtUri"])
+    try:
+        assert conn.getHostname() == "host2"
+        assert conn.listAllDomains() == []      # a reboot: the transient VM is gone
+    finally:
+        conn.close()
+
+    everything = [pid for name in hosts for pid in lab.pids(name)]
+    assert len(everything) >= 15
+    lab_cli(lab_dir, "down")
+    assert [pid for pid in everything if procs.start_time(pid)] == []
+    assert [h["up"] for h in status(lab_dir)["hosts"]] == [False, False, False]
+    assert os.path.isdir(storage)
