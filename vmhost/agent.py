@@ -62,7 +62,8 @@ class Agent:
         self.connection = Connection(config.libvirt_uri)
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
-            monitor_timeout=config.monitor_timeout)
+            monitor_timeout=config.monitor_timeout, sanlock_host_id=config.sanlock_host_id,
+            sanlock_io_timeout=config.sanlock_io_timeout)
         self.vms = VmService(
             self.connection.get, self.storage, virt_type="qemu", scheduler=self.scheduler,
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,

@@ -111,6 +111,17 @@ class StorageDomainCreationError(VmhostError):
     message = "Error creating a storage domain"
 
 
+class AcquireHostIdFailure(VmhostError):
+    """Joining a shared domain's sanlock lockspace failed (or this host has no host id)."""
+    code = 661
+    message = "Cannot acquire host id"
+
+
+class ReleaseHostIdFailure(VmhostError):
+    code = 662
+    message = "Cannot release host id"
+
+
 class InvalidParameter(VmhostError):
     """A value that passed the schema but is still wrong (e.g. size 0)."""
     code = 1000

@@ -24,6 +24,7 @@ class HostService(Protocol):
 
 class StorageService(Protocol):
     def create_domain(self, sd_uuid: str, domain_type: str, type_args: str, name: str) -> dict: ...
+    def connect_domain(self, sd_uuid: str, domain_type: str, type_args: str) -> dict: ...
     def domain_info(self, sd_uuid: str) -> dict: ...
     def repo_stats(self, domains: list[str] | None) -> dict: ...
     def list_volumes(self, sd_uuid: str, img_uuid: str) -> list[str]: ...
@@ -60,7 +61,7 @@ class Services(Protocol):
 
 
 # VDSM's numeric codes (storage/constants.py) -> the names services use.
-_DOMAIN_TYPES = {4: "localfs"}
+_DOMAIN_TYPES = {4: "localfs", 6: "posixfs"}
 _VOLUME_FORMATS = {4: "COW", 5: "RAW"}
 _PREALLOCATION = {1: "PREALLOCATED", 2: "SPARSE"}
 
@@ -108,6 +109,9 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
         sd_uuid=p["storagedomainID"],
         domain_type=_named(_DOMAIN_TYPES, p["domainType"]),
         type_args=p["typeArgs"], name=p["name"]),
+    "StorageDomain.connect": lambda s, p: s.storage.connect_domain(
+        sd_uuid=p["storagedomainID"], domain_type=_named(_DOMAIN_TYPES, p["domainType"]),
+        type_args=p["typeArgs"]),
     "StorageDomain.getInfo": lambda s, p: s.storage.domain_info(sd_uuid=p["storagedomainID"]),
     "StorageDomain.getVolumes": lambda s, p: s.storage.list_volumes(
         sd_uuid=p["storagedomainID"], img_uuid=p["imageID"]),

@@ -302,8 +302,8 @@ class Lab:
             if not self._running(h):
                 raise LabError(f"{h.name} died while booting; see "
                                f"{self.host_dir(h.name)}/log/")
-            return _answers(_url(h))
-        procs.wait_until(ready, timeout, f"{h.name}'s agent to answer at {_url(h)}", 0.1)
+            return _answers(_url(h), "Host.getVMList")   # refused while it recovers
+        procs.wait_until(ready, timeout, f"{h.name}'s agent to be ready at {_url(h)}", 0.1)
 
 
 def _links_dir(state: LabState) -> str:
@@ -314,10 +314,10 @@ def _url(h: HostState) -> str:
     return f"http://{h.ip}:{AGENT_PORT}/jsonrpc"
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, verb: str = "Host.ping") -> bool:
     try:
         with Client(url, timeout=2) as c:
-            c.call("Host.ping")
+            c.call(verb)
         return True
     except Exception:   # noqa: BLE001 - any failure means "not answering"
         return False

@@ -24,11 +24,15 @@ from vmhost.storage.image import Image
 from vmhost.storage.metadata import (Legality, Prealloc, VolumeMetadata, parse_format,
                                      parse_prealloc)
 from vmhost.storage.monitor import DomainMonitor, DomainStatus
+from vmhost.storage.posixdomain import DOMAIN_TYPE as POSIXFS, PosixStorageDomain
 
 log = logging.getLogger(__name__)
 
 # VDSM's numeric domain types that map to what we support.
-_DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS}
+_DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS,
+                 POSIXFS: POSIXFS, 6: POSIXFS, "6": POSIXFS}
+_DOMAIN_CLASSES: dict[str, type[FileStorageDomain]] = {LOCALFS: FileStorageDomain,
+                                                       POSIXFS: PosixStorageDomain}
 
 MAX_VOLUME_SIZE = 1 << 50     # 1 PiB: far beyond any disk, far below qemu-img's limits
 
@@ -39,18 +43,21 @@ DomainListener = Callable[[str, bool, str], None]
 class StorageService:
     def __init__(self, state_dir: str, monitor_interval: float = 5.0,
                  monitor_timeout: float = 10.0,
-                 volume_in_use: VolumeInUse = lambda sd, img, vol: False):
+                 volume_in_use: VolumeInUse = lambda sd, img, vol: False,
+                 sanlock_host_id: int = 0, sanlock_io_timeout: int = 10):
         self._registry_path = os.path.join(state_dir, "domains.json")
         self._interval = monitor_interval
         self._timeout = monitor_timeout
         self.volume_in_use = volume_in_use
+        self._host_id = sanlock_host_id          # in shared domains' lockspaces; 0 = none
+        self._io_timeout = sanlock_io_timeout
         self._lock = threading.Lock()
         self._image_locks: dict[tuple[str, str], threading.Lock] = {}
         self._domains: dict[str, StorageDomain] = {}
         self._monitors: dict[str, DomainMonitor] = {}
         self._listeners: list[DomainListener] = []
         for manifest in self._load_registry():
-            self._domains[manifest.uuid] = FileStorageDomain(manifest)
+            self._domains[manifest.uuid] = _DOMAIN_CLASSES[manifest.type](manifest)
 
     # --- life cycle ----------------------------------------------------
 
@@ -58,6 +65,8 @@ class StorageService:
         """Start monitoring every registered domain; returns at once."""
         for sd in list(self._domains):
             self._start_monitor(sd)
+        for dom in self._shared_domains():
+            self._join_quietly(dom)
 
     def stop(self) -> None:
         for mon in self._monitors.values():
@@ -128,11 +137,73 @@ class StorageService:
         with self._lock:
             if sd_uuid in self._domains:
                 raise errors.StorageDomainAlreadyExists(sd_uuid)
-            dom = FileStorageDomain.create(type_args, sd_uuid, name)
+            if kind == POSIXFS:
+                self._check_host_id()
+                dom = PosixStorageDomain.create(type_args, sd_uuid, name,
+                                                io_timeout=self._io_timeout)
+            else:
+                dom = FileStorageDomain.create(type_args, sd_uuid, name)
             self._domains[sd_uuid] = dom
             self._save_registry()
         self._start_monitor(sd_uuid)
+        if isinstance(dom, PosixStorageDomain):
+            dom.join(self._host_id, self._io_timeout)
         return self.domain_info(sd_uuid)
+
+    # --- shared domains (posixfs): sanlock lockspaces -------------------------
+
+    def connect_domain(self, sd_uuid: str, domain_type: str | int, type_args: str) -> dict:
+        """Register a posixfs domain another host created and join its lockspace.
+        Idempotent: connecting a connected domain only makes sure it is joined."""
+        check_uuid(sd_uuid, "storagedomainID")
+        if _DOMAIN_TYPES.get(domain_type) != POSIXFS:
+            raise errors.InvalidParameter(f"domainType {domain_type!r} cannot be connected: "
+                                          "only posixfs (6) domains are shared")
+        self._check_host_id()
+        found = PosixStorageDomain.open_existing(type_args, sd_uuid)   # reads storage: no lock
+        with self._lock:
+            dom = self._domains.get(sd_uuid)
+            if dom is not None and dom.manifest.path != found.manifest.path:
+                raise errors.StorageDomainAlreadyExists(
+                    f"{sd_uuid} is connected from {dom.manifest.path}, not {type_args}")
+            new = dom is None
+            if new:
+                dom = self._domains[sd_uuid] = found
+                self._save_registry()
+        if new:
+            self._start_monitor(sd_uuid)
+        assert isinstance(dom, PosixStorageDomain)
+        dom.join(self._host_id, self._io_timeout)
+        return self.domain_info(sd_uuid)
+
+    def _check_host_id(self) -> None:
+        if not self._host_id:
+            raise errors.AcquireHostIdFailure(
+                "this host has no sanlock host id: start it with `vmhost serve --host-id N`")
+
+    def _shared_domains(self) -> list[PosixStorageDomain]:
+        return [d for d in list(self._domains.values()) if isinstance(d, PosixStorageDomain)]
+
+    def _join_quietly(self, dom: PosixStorageDomain) -> None:
+        """Join without failing the caller: the next repo stats retry."""
+        if not self._host_id:
+            log.warning("domain %s is shared but this host has no --host-id", dom.uuid)
+            return
+        try:
+            dom.join(self._host_id, self._io_timeout)
+        except errors.AcquireHostIdFailure as e:
+            log.warning("%s", e)
+
+    def _lockspace_acquired(self, dom: StorageDomain) -> bool:
+        if not isinstance(dom, PosixStorageDomain):
+            return True          # a local domain has no lockspace
+        if not self._host_id:
+            return False
+        if dom.acquired(self._host_id):
+            return True
+        if not dom.joining(self._host_id):
+            self._join_quietly(dom)   # after a sanlock restart, or a failed join
+        return False
 
     def domain_info(self, sd_uuid: str) -> dict:
         dom = self.domain(sd_uuid)
@@ -150,8 +221,11 @@ class StorageService:
     def repo_stats(self, domains: list[str] | None = None) -> dict:
         now = time.monotonic()
         wanted = domains if domains is not None else list(self._domains)
-        return {sd: self.domain_status(sd).to_api(now) for sd in wanted
-                if sd in self._domains}
+        stats = {sd: self.domain_status(sd).to_api(now) for sd in wanted
+                 if sd in self._domains}
+        for sd, entry in stats.items():
+            entry["acquired"] = self._lockspace_acquired(self._domains[sd])
+        return stats
 
     # --- volumes ----------------------------------------------------------------
 

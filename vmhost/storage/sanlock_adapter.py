@@ -1,0 +1,87 @@
+"""The one place that talks to sanlock.
+
+Formatting lease areas uses `sanlock direct` (no daemon needed: it writes the
+file itself). Joining, inquiring and leaving lockspaces goes through this
+host's sanlock daemon (the Python binding, Debian's python3-sanlock; its socket
+is /run/sanlock/sanlock.sock, so a lab host reaches its own daemon).
+
+sanlock names lockspaces and resources with at most 48 bytes; vmhost uses
+UUIDs (36). Failures raise SanlockError with sanlock's errno and message.
+"""
+from __future__ import annotations
+
+import subprocess
+
+MiB = 1 << 20
+LEASE_SIZE = MiB        # one delta-lease area or paxos lease, 512-byte sectors, 1 MiB alignment
+
+
+class SanlockError(Exception):
+    def __init__(self, errno: int, message: str):
+        super().__init__(f"sanlock: {message} (errno {errno})")
+        self.errno = errno
+
+
+def _binding():
+    try:
+        import sanlock
+    except ImportError:
+        raise SanlockError(0, "the sanlock Python binding is missing "
+                              "(Debian python3-sanlock; `make setup` links it)") from None
+    return sanlock
+
+
+def _direct(*args: str) -> None:
+    done = subprocess.run(["sanlock", "direct", *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SanlockError(done.returncode, f"direct {' '.join(args)}: "
+                                            f"{(done.stderr or done.stdout).strip()}")
+
+
+def init_lockspace(lockspace: str, path: str, io_timeout: int) -> None:
+    """Write empty delta leases for every host id; io_timeout is recorded in them."""
+    _direct("init", "-s", f"{lockspace}:0:{path}:0", "-o", str(io_timeout))
+
+
+def init_resource(lockspace: str, resource: str, path: str, offset: int) -> None:
+    _direct("init", "-r", f"{lockspace}:{resource}:{path}:{offset}")
+
+
+def format_index(lockspace: str, path: str) -> None:
+    """A resource index (sanlock's rindex) at offset 0 of path: the daemon later
+    creates and deletes leases in it under the index's own paxos lease, so hosts
+    creating leases at once cannot corrupt it."""
+    _direct("format", "-x", f"{lockspace}:{path}:0")
+
+
+def _call(fn, *args, **kwargs):
+    sanlock = _binding()
+    try:
+        return fn(sanlock)(*args, **kwargs)
+    except sanlock.SanlockException as e:   # args: (errno, what failed, strerror)
+        raise SanlockError(e.errno, ": ".join(str(a) for a in e.args[1:])) from None
+
+
+def add_lockspace(lockspace: str, host_id: int, path: str, io_timeout: int) -> None:
+    """Start joining; returns at once (the daemon needs a few io_timeouts to
+    acquire the host id). Joining a lockspace already joined or being joined is a
+    no-op."""
+    try:
+        _call(lambda s: s.add_lockspace, lockspace.encode(), host_id, path, 0,
+              iotimeout=io_timeout, wait=False)
+    except SanlockError as e:
+        if e.errno != 17:          # EEXIST: already there, or being added
+            raise
+
+
+def inq_lockspace(lockspace: str, host_id: int, path: str) -> bool | None:
+    """True: joined; None: joining or leaving; False: not joined."""
+    return _call(lambda s: s.inq_lockspace, lockspace.encode(), host_id, path, 0)
+
+
+def rem_lockspace(lockspace: str, host_id: int, path: str) -> None:
+    try:
+        _call(lambda s: s.rem_lockspace, lockspace.encode(), host_id, path, 0)
+    except SanlockError as e:
+        if e.errno != 2:           # ENOENT: not joined
+            raise
