@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 
 import libvirt
 import pytest
 
-from conftest import ROOT, VM_PREFIX
-from vmhost.client import Client
+from conftest import ROOT, VM_PREFIX, wait_for
+from vmhost.client import Client, RpcError
 from vmhost.lab import procs
 from vmhost.lab.lab import Lab
 
@@ -113,3 +114,49 @@ def test_lab_up_status_poweroff_boot_down(lab_dir, workdir):
     assert [pid for pid in everything if procs.start_time(pid)] == []
     assert [h["up"] for h in status(lab_dir)["hosts"]] == [False, False, False]
     assert os.path.isdir(storage)
+
+
+def wait_acquired(url: str, sd: str, timeout: float = 60) -> None:
+    with Client(url, timeout=10) as c:
+        wait_for(lambda: c.call("Host.getStorageRepoStats", domains=[sd])[sd]["acquired"],
+                 timeout, f"{url} to acquire its host id in {sd}")
+
+
+def test_two_hosts_share_a_posixfs_domain(lab_dir, workdir):
+    storage = os.path.join(workdir, "shared")
+    hosts = json.loads(lab_cli(lab_dir, "up", "--hosts", "2", "--storage", storage,
+                               "--json"))["hosts"]
+    h1, h2 = (Client(h["url"], timeout=30) for h in hosts)
+    sd = str(uuid.uuid4())
+    assert h1.call("StorageDomain.create", storagedomainID=sd, domainType=6, typeArgs=storage,
+                   name="shared")["type"] == "posixfs"
+    # host2 registers it from the storage alone; connecting twice changes nothing.
+    info = h2.call("StorageDomain.connect", storagedomainID=sd, domainType="posixfs",
+                   typeArgs=storage)
+    assert (info["name"], info["type"]) == ("shared", "posixfs")
+    assert h2.call("StorageDomain.connect", storagedomainID=sd, domainType=6,
+                   typeArgs=storage)["uuid"] == sd
+    for h in hosts:
+        wait_acquired(h["url"], sd)
+    # Each host's own sanlock daemon sees both host ids alive in the lockspace (from its
+    # next renewal on: it reads the other delta leases then).
+    def live_host_ids(name: str) -> set[int]:
+        out = lab_cli(lab_dir, "exec", name, "sanlock", "client", "host_status")
+        assert f"lockspace {sd}" in out, out
+        return {int(line.split()[0]) for line in out.splitlines()
+                if line[:1].isdigit() and "timestamp 0" not in line}
+    for h in hosts:
+        wait_for(lambda: live_host_ids(h["name"]) == {1, 2}, 30,
+                 f"{h['name']}'s sanlock to see host ids 1 and 2 alive")
+    # A wrong directory is refused and registers nothing.
+    with pytest.raises(RpcError) as e:
+        h2.call("StorageDomain.connect", storagedomainID=str(uuid.uuid4()), domainType=6,
+                typeArgs=storage)
+    assert e.value.code == 358
+
+    # After a power cut and a boot, host1's agent joins its registered domain again.
+    lab_cli(lab_dir, "poweroff", "host1")
+    lab_cli(lab_dir, "boot", "host1")
+    wait_acquired(hosts[0]["url"], sd)
+    h1.close()
+    h2.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 from vmhost.lab.lab import DEFAULT_DIR, DEFAULT_IO_TIMEOUT, Lab, LabError
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                    ).add_argument("name")
     sub.add_parser("boot", help="start a powered-off host again").add_argument("name")
     sub.add_parser("down", help="stop every host (the storage stays)")
+    ex = sub.add_parser("exec", help="run a command inside a host, e.g. sanlock client status")
+    ex.add_argument("name")
+    ex.add_argument("command", nargs=argparse.REMAINDER)
     return p
 
 
@@ -60,6 +64,10 @@ def main(argv: list[str]) -> int:
                 print(f"{args.name} was already running")
         elif args.action == "down":
             lab.down()
+        elif args.action == "exec":
+            if not args.command:
+                raise LabError("exec wants a command")
+            return subprocess.run(lab.enter_argv(args.name) + args.command).returncode
     except (LabError, TimeoutError) as e:
         print(f"vmhost lab: {e}", file=sys.stderr)
         return 1

@@ -121,14 +121,20 @@ def start_daemons(spec: HostSpec, started: list[subprocess.Popen]) -> None:
 
 
 def stop(started: list[subprocess.Popen], timeout: float = 10) -> None:
-    """Agent first (it may still talk to libvirtd), then the daemons."""
-    for proc in reversed(started):
-        if proc.poll() is None:
-            proc.terminate()
+    """The agent first (it may still talk to libvirtd), then the daemons together.
+    What does not stop in time dies with the namespace when this init exits (sanlock
+    keeps running while it holds lockspaces, for one)."""
+    agent, daemons = started[3:], started[:3]
+    for group, wait in ((agent, timeout), (daemons, 3.0)):
+        for proc in group:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + wait
+        for proc in group:
             try:
-                proc.wait(timeout)
+                proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                pass
 
 
 def reap_forever(started: list[subprocess.Popen]) -> None:

@@ -185,6 +185,14 @@ class Lab:
             subprocess.run(["ip", "link", "del", state.bridge], stderr=subprocess.DEVNULL)
             shutil.rmtree(_links_dir(state), ignore_errors=True)
 
+    def enter_argv(self, name: str) -> list[str]:
+        """The argv prefix that runs a command inside a running host (all its namespaces:
+        its sanlock and libvirt sockets, its pids, its hostname, its network)."""
+        h = self._state().host(name)
+        if not self._running(h):
+            raise LabError(f"{name} is off")
+        return ["nsenter", "-t", str(h.init[0]), "-m", "-u", "-n", "-p", "--"]
+
     def pids(self, name: str) -> list[int]:
         """Every live process of a host (outside pids), for tests and `status`."""
         h = self._state().host(name)
@@ -264,6 +272,9 @@ class Lab:
         subprocess.run(["ip", "link", "del", veth], stderr=subprocess.DEVNULL)
         _ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", str(init))
         _ip("link", "set", veth, "master", state.bridge, "up")
+        # The host's new interface has a new MAC: forget the old one, or connections to
+        # its address hang until the neighbour entry expires (~30 s).
+        subprocess.run(["ip", "neigh", "flush", "to", h.ip], stderr=subprocess.DEVNULL)
 
     def _prepare_host(self, state: LabState, h: HostState) -> str:
         """The host's directories and configuration; its /run emptied as by a reboot."""

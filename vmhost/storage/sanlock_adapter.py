@@ -10,6 +10,7 @@ UUIDs (36). Failures raise SanlockError with sanlock's errno and message.
 """
 from __future__ import annotations
 
+import errno
 import subprocess
 
 MiB = 1 << 20
@@ -70,7 +71,7 @@ def add_lockspace(lockspace: str, host_id: int, path: str, io_timeout: int) -> N
         _call(lambda s: s.add_lockspace, lockspace.encode(), host_id, path, 0,
               iotimeout=io_timeout, wait=False)
     except SanlockError as e:
-        if e.errno != 17:          # EEXIST: already there, or being added
+        if e.errno not in (errno.EEXIST, errno.EINPROGRESS):   # joined, or being joined
             raise
 
 
@@ -83,5 +84,5 @@ def rem_lockspace(lockspace: str, host_id: int, path: str) -> None:
     try:
         _call(lambda s: s.rem_lockspace, lockspace.encode(), host_id, path, 0)
     except SanlockError as e:
-        if e.errno != 2:           # ENOENT: not joined
+        if e.errno != errno.ENOENT:    # not joined
             raise

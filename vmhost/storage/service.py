@@ -147,7 +147,7 @@ class StorageService:
             self._save_registry()
         self._start_monitor(sd_uuid)
         if isinstance(dom, PosixStorageDomain):
-            dom.join(self._host_id, self._io_timeout)
+            self._join_quietly(dom)    # asynchronous anyway: repo stats tell when acquired
         return self.domain_info(sd_uuid)
 
     # --- shared domains (posixfs): sanlock lockspaces -------------------------
