@@ -11,7 +11,8 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import ROOT, VM_PREFIX, wait_for
+from conftest import VM_PREFIX, wait_for
+from labutil import lab_cli, lab_dir, wait_acquired  # noqa: F401 - lab_dir is a fixture
 from vmhost.client import Client, RpcError
 from vmhost.lab import procs
 from vmhost.lab.lab import Lab
@@ -19,23 +20,6 @@ from vmhost.lab.lab import Lab
 # A VM with no disk: enough to have a QEMU process on a host.
 DISKLESS_VM = """<domain type='kvm'><name>{name}</name><memory unit='MiB'>32</memory>
 <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices/></domain>"""
-
-
-def lab_cli(lab_dir: str, *args: str, timeout: float = 180) -> str:
-    done = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "lab", "--dir", lab_dir, *args],
-                          capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": ROOT})
-    assert done.returncode == 0, f"lab {' '.join(args)}: {done.stderr}"
-    return done.stdout
-
-
-@pytest.fixture
-def lab_dir(workdir):
-    path = os.path.join(workdir, "lab")
-    yield path
-    # Whatever happened, nothing of the lab may outlive the test.
-    subprocess.run([sys.executable, "-m", "vmhost.cli.main", "lab", "--dir", path, "down"],
-                   env={**os.environ, "PYTHONPATH": ROOT}, timeout=120)
 
 
 def status(lab_dir: str) -> dict:
@@ -114,12 +98,6 @@ def test_lab_up_status_poweroff_boot_down(lab_dir, workdir):
     assert [pid for pid in everything if procs.start_time(pid)] == []
     assert [h["up"] for h in status(lab_dir)["hosts"]] == [False, False, False]
     assert os.path.isdir(storage)
-
-
-def wait_acquired(url: str, sd: str, timeout: float = 60) -> None:
-    with Client(url, timeout=10) as c:
-        wait_for(lambda: c.call("Host.getStorageRepoStats", domains=[sd])[sd]["acquired"],
-                 timeout, f"{url} to acquire its host id in {sd}")
 
 
 def test_two_hosts_share_a_posixfs_domain(lab_dir, workdir):
