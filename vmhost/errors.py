@@ -111,6 +111,12 @@ class StorageDomainCreationError(VmhostError):
     message = "Error creating a storage domain"
 
 
+class StorageDomainDetachError(VmhostError):
+    """Disconnecting a domain this host still uses."""
+    code = 356
+    message = "Error detaching storage domain"
+
+
 class AcquireHostIdFailure(VmhostError):
     """Joining a shared domain's sanlock lockspace failed (or this host has no host id)."""
     code = 661

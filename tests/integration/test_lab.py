@@ -132,6 +132,14 @@ def test_two_hosts_share_a_posixfs_domain(lab_dir, workdir):
                 typeArgs=storage)
     assert e.value.code == 358
 
+    # host2 leaves (sanlock frees its host id) and comes back.
+    h2.call("StorageDomain.disconnect", storagedomainID=sd)
+    assert sd not in h2.call("Host.getStorageRepoStats")
+    assert f"lockspace {sd}" not in lab_cli(lab_dir, "exec", "host2", "sanlock", "client",
+                                            "host_status")
+    h2.call("StorageDomain.connect", storagedomainID=sd, domainType=6, typeArgs=storage)
+    wait_acquired(hosts[1]["url"], sd)
+
     # After a power cut and a boot, host1's agent joins its registered domain again.
     lab_cli(lab_dir, "poweroff", "host1")
     lab_cli(lab_dir, "boot", "host1")

@@ -46,6 +46,7 @@ VALID = [
                               "name": "shared"}),
     ("StorageDomain.connect", {"storagedomainID": SD, "domainType": "posixfs",
                                "typeArgs": "/srv/shared"}),
+    ("StorageDomain.disconnect", {"storagedomainID": SD}),
     ("StorageDomain.getInfo", {"storagedomainID": SD}),
     ("StorageDomain.getVolumes", {"storagedomainID": SD, "imageID": IMG}),
     ("Volume.create", {"storagedomainID": SD, "imageID": IMG, "volumeID": VOL,

@@ -101,6 +101,8 @@ BRIDGE_CASES = [
      "storage", "create_domain", {"sd_uuid": SD, "domain_type": "posixfs", "type_args": "/x", "name": "n"}),
     ("StorageDomain.connect", {"storagedomainID": SD, "domainType": 6, "typeArgs": "/x"},
      "storage", "connect_domain", {"sd_uuid": SD, "domain_type": "posixfs", "type_args": "/x"}),
+    ("StorageDomain.disconnect", {"storagedomainID": SD}, "storage", "disconnect_domain",
+     {"sd_uuid": SD}),
     ("StorageDomain.getInfo", {"storagedomainID": SD}, "storage", "domain_info", {"sd_uuid": SD}),
     ("StorageDomain.getVolumes", {"storagedomainID": SD, "imageID": IMG, "storagepoolID": BLANK},
      "storage", "list_volumes", {"sd_uuid": SD, "img_uuid": IMG}),

@@ -91,3 +91,25 @@ def test_volumes_on_a_shared_domain_have_leases(service, root):
     service.delete_volume(sd, img, vol)
     assert not os.path.exists(lease)
     assert not os.path.exists(os.path.dirname(lease))
+
+
+def test_disconnect_forgets_the_domain_unless_a_vm_uses_it(service, root, tmp_path):
+    sd, img, vol = (str(uuid.uuid4()) for _ in range(3))
+    service.create_domain(sd, 6, root, "shared")
+    service.create_volume(sd, img, vol, 16 * MiB, "COW")
+    service.volume_in_use = lambda s, i, v: (s, i, v) == (sd, img, vol)
+    with pytest.raises(errors.StorageDomainDetachError, match=vol):
+        service.disconnect_domain(sd)
+    assert sd in service.repo_stats()
+    service.volume_in_use = lambda s, i, v: False
+    service.disconnect_domain(sd)
+    assert sd not in service.repo_stats()
+    with pytest.raises(errors.StorageDomainDoesNotExist):
+        service.domain_info(sd)
+    assert os.path.exists(os.path.join(root, sd, "dom_md", "ids"))      # the storage stays
+    restarted = StorageService(os.path.dirname(service._registry_path), sanlock_host_id=3)
+    assert sd not in restarted.repo_stats()
+    local = str(uuid.uuid4())
+    service.create_domain(local, 4, root, "local")
+    with pytest.raises(errors.InvalidParameter, match="only posixfs"):
+        service.disconnect_domain(local)

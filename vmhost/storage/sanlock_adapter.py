@@ -81,8 +81,10 @@ def inq_lockspace(lockspace: str, host_id: int, path: str) -> bool | None:
 
 
 def rem_lockspace(lockspace: str, host_id: int, path: str) -> None:
+    """Leave (waits until done). Refused (EBUSY) while a resource in it is held:
+    `unused` keeps sanlock from killing the holders as it would by default."""
     try:
-        _call(lambda s: s.rem_lockspace, lockspace.encode(), host_id, path, 0)
+        _call(lambda s: s.rem_lockspace, lockspace.encode(), host_id, path, 0, unused=True)
     except SanlockError as e:
         if e.errno != errno.ENOENT:    # not joined
             raise

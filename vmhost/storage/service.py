@@ -176,6 +176,28 @@ class StorageService:
         dom.join(self._host_id, self._io_timeout)
         return self.domain_info(sd_uuid)
 
+    def disconnect_domain(self, sd_uuid: str) -> None:
+        """Leave a shared domain's lockspace and forget the domain (its storage stays).
+        Refused while a VM of this host uses one of its volumes; sanlock itself refuses
+        while a lease in the lockspace is held."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain):
+            raise errors.InvalidParameter(f"domain {sd_uuid} is {dom.manifest.type}: only "
+                                          "posixfs domains are connected and disconnected")
+        for img in dom.images():
+            for vol in dom.volumes(img):
+                if self.volume_in_use(sd_uuid, img, vol):
+                    raise errors.StorageDomainDetachError(
+                        f"domain {sd_uuid}: volume {vol} is used by a VM of this host")
+        if self._host_id:
+            dom.leave(self._host_id)
+        with self._lock:
+            self._domains.pop(sd_uuid, None)
+            self._save_registry()
+            monitor = self._monitors.pop(sd_uuid, None)
+        if monitor:
+            monitor.stop()
+
     def _check_host_id(self) -> None:
         if not self._host_id:
             raise errors.AcquireHostIdFailure(
