@@ -128,6 +128,11 @@ class ReleaseHostIdFailure(VmhostError):
     message = "Cannot release host id"
 
 
+class NoSuchLease(VmhostError):
+    code = 936
+    message = "No such lease"
+
+
 class InvalidParameter(VmhostError):
     """A value that passed the schema but is still wrong (e.g. size 0)."""
     code = 1000

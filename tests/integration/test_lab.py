@@ -2,6 +2,7 @@
 libvirtd, virtlogd, sanlock daemon and agent, driven through the real CLI."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -131,6 +132,29 @@ def test_two_hosts_share_a_posixfs_domain(lab_dir, workdir):
         h2.call("StorageDomain.connect", storagedomainID=str(uuid.uuid4()), domainType=6,
                 typeArgs=storage)
     assert e.value.code == 358
+
+    # VM leases: both hosts create leases at once in the one xleases index, one of them
+    # the same lease from both sides; each host then finds every lease at one offset.
+    own = {url: [str(uuid.uuid4()) for _ in range(4)] for url in (h["url"] for h in hosts)}
+    both = str(uuid.uuid4())
+
+    def create_all(url: str) -> dict[str, int]:
+        with Client(url, timeout=60) as c:
+            return {vm: c.call("Lease.create", lease={"sd_id": sd, "lease_id": vm})["offset"]
+                    for vm in own[url] + [both]}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        made = list(pool.map(create_all, own))
+    assert made[0][both] == made[1][both]
+    offsets = {**made[0], **made[1]}
+    assert len(set(offsets.values())) == len(offsets) == 9
+    for c in (h1, h2):
+        for vm, offset in offsets.items():
+            info = c.call("Lease.info", lease={"sd_id": sd, "lease_id": vm})
+            assert (info["offset"], info["path"]) == (offset, f"{storage}/{sd}/dom_md/xleases")
+    h2.call("Lease.delete", lease={"sd_id": sd, "lease_id": both})
+    with pytest.raises(RpcError) as e:
+        h1.call("Lease.info", lease={"sd_id": sd, "lease_id": both})
+    assert e.value.code == 936
 
     # host2 leaves (sanlock frees its host id) and comes back.
     h2.call("StorageDomain.disconnect", storagedomainID=sd)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import time
 
 from vmhost import errors
 from vmhost.fsutil import fsync_dir, unlink_durable
@@ -36,6 +38,7 @@ SDM_OFFSET = 1 * MiB
 LEASES_SIZE = 2 * MiB
 XLEASES_SIZE = 1024 * MiB     # sparse; room for ~1000 VM leases
 LEASE_SUFFIX = ".lease"
+INDEX_RETRY_SECONDS = 30.0
 
 
 class PosixStorageDomain(FileStorageDomain):
@@ -123,6 +126,52 @@ class PosixStorageDomain(FileStorageDomain):
         except sanlock.SanlockError as e:
             raise errors.ReleaseHostIdFailure(f"domain {self.uuid}, host id {host_id}: {e}") \
                 from None
+
+    # --- VM leases (xleases) ------------------------------------------------
+
+    @property
+    def xleases_path(self) -> str:
+        return self._md_path("xleases")
+
+    def find_lease(self, lease_id: str) -> int | None:
+        """Offset of a VM lease in xleases, or None. Needs the lockspace joined."""
+        return self._index(sanlock.index_lookup, lease_id)
+
+    def create_lease(self, lease_id: str) -> int:
+        """The lease's offset, creating it if needed. Two hosts creating the same
+        lease at once may both add it to the index: each then keeps the first
+        entry the index returns and deletes its own if that is another one."""
+        found = self.find_lease(lease_id)
+        if found is not None:
+            return found
+        mine = self._index(sanlock.index_create, lease_id)
+        first = self.find_lease(lease_id)
+        if first != mine:
+            self._index(sanlock.index_delete, lease_id, mine)
+        assert first is not None
+        return first
+
+    def delete_lease(self, lease_id: str) -> bool:
+        """Remove every index entry of the lease. Returns whether there was one."""
+        found = False
+        while (offset := self.find_lease(lease_id)) is not None:
+            self._index(sanlock.index_delete, lease_id, offset)
+            found = True
+        return found
+
+    def _index(self, call, lease_id: str, *args):
+        """One index operation; the daemon holds the index's own paxos lease meanwhile,
+        so a host changing the index at the same moment makes us retry."""
+        check_uuid(lease_id, "lease_id")
+        deadline = time.monotonic() + INDEX_RETRY_SECONDS
+        while True:
+            try:
+                return call(self.uuid, self.xleases_path, lease_id, *args)
+            except sanlock.SanlockError as e:
+                if e.errno not in sanlock.CONTENDED or time.monotonic() > deadline:
+                    raise errors.GeneralError(f"VM lease {lease_id} on {self.uuid}: {e}") \
+                        from None
+            time.sleep(random.uniform(0.05, 0.5))   # desynchronise the contending hosts
 
     # --- volume leases ----------------------------------------------------
 

@@ -15,6 +15,9 @@ import subprocess
 
 MiB = 1 << 20
 LEASE_SIZE = MiB        # one delta-lease area or paxos lease, 512-byte sectors, 1 MiB alignment
+# A paxos lease another host holds or is acquiring (IDLIVE, OWNED, OTHER): for the
+# short-held lease of a resource index, a retry succeeds.
+CONTENDED = frozenset({243, 244, 245})
 
 
 class SanlockError(Exception):
@@ -53,6 +56,48 @@ def format_index(lockspace: str, path: str) -> None:
     creates and deletes leases in it under the index's own paxos lease, so hosts
     creating leases at once cannot corrupt it."""
     _direct("format", "-x", f"{lockspace}:{path}:0")
+
+
+def _client(*args: str) -> tuple[int, dict[str, str]]:
+    """`sanlock client ...` through this host's daemon: (sanlock's result, its
+    `key value` lines). The Python binding has no resource-index calls."""
+    done = subprocess.run(["sanlock", "client", *args], capture_output=True, text=True)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    result = next((int(v.rsplit(" ", 1)[1]) for k, v in lines.items()
+                   if v.startswith("done ")), None)
+    if result is None:
+        raise SanlockError(done.returncode, f"client {' '.join(args)}: "
+                                            f"{(done.stderr or done.stdout).strip()}")
+    return result, lines
+
+
+def _index(lockspace: str, path: str) -> str:
+    return f"{lockspace}:{path}:0"
+
+
+def index_lookup(lockspace: str, path: str, name: str) -> int | None:
+    """Offset of the lease named `name` in the resource index at path, or None."""
+    result, lines = _client("lookup", "-x", _index(lockspace, path), "-e", name)
+    if result == -errno.ENOENT:
+        return None
+    if result:
+        raise SanlockError(-result, f"looking up {name} in {path} failed ({result})")
+    return int(lines["name"].rsplit(" ", 1)[1])
+
+
+def index_create(lockspace: str, path: str, name: str) -> int:
+    """A new lease named `name` (the index may then hold the name twice: callers
+    look up first and remove a duplicate they made)."""
+    result, lines = _client("create", "-x", _index(lockspace, path), "-e", name)
+    if result:
+        raise SanlockError(-result, f"creating {name} in {path} failed ({result})")
+    return int(lines["offset"])
+
+
+def index_delete(lockspace: str, path: str, name: str, offset: int) -> None:
+    result, _ = _client("delete", "-x", _index(lockspace, path), "-e", f"{name}:{offset}")
+    if result and result != -errno.ENOENT:
+        raise SanlockError(-result, f"deleting {name} from {path} failed ({result})")
 
 
 def _call(fn, *args, **kwargs):

@@ -198,6 +198,35 @@ class StorageService:
         if monitor:
             monitor.stop()
 
+    # --- VM leases (in a shared domain's xleases) -----------------------------
+
+    def create_lease(self, sd_uuid: str, lease_id: str) -> dict:
+        """Idempotent: an existing lease is returned as it is."""
+        dom = self._joined_domain(sd_uuid)
+        return _lease_info(dom, lease_id, dom.create_lease(lease_id))
+
+    def lease_info(self, sd_uuid: str, lease_id: str) -> dict:
+        dom = self._joined_domain(sd_uuid)
+        offset = dom.find_lease(lease_id)
+        if offset is None:
+            raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
+        return _lease_info(dom, lease_id, offset)
+
+    def delete_lease(self, sd_uuid: str, lease_id: str) -> None:
+        if not self._joined_domain(sd_uuid).delete_lease(lease_id):
+            raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
+
+    def _joined_domain(self, sd_uuid: str) -> PosixStorageDomain:
+        """A shared domain whose lockspace this host holds (sanlock's index needs it)."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain):
+            raise errors.InvalidParameter(f"domain {sd_uuid} is {dom.manifest.type}: VM leases "
+                                          "live on posixfs domains")
+        if not self._lockspace_acquired(dom):
+            raise errors.AcquireHostIdFailure(f"this host has not joined domain {sd_uuid} "
+                                              "yet (Host.getStorageRepoStats: acquired)")
+        return dom
+
     def _check_host_id(self) -> None:
         if not self._host_id:
             raise errors.AcquireHostIdFailure(
@@ -372,3 +401,8 @@ class StorageService:
             "generation": md.generation, "status": "OK",
             "path": image.domain.volume_path(md.image, md.volume),
         }
+
+
+def _lease_info(dom: PosixStorageDomain, lease_id: str, offset: int) -> dict:
+    """VDSM's LeaseInfo: what a domain XML <lease> needs."""
+    return {"sd_id": dom.uuid, "lease_id": lease_id, "path": dom.xleases_path, "offset": offset}
