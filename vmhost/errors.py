@@ -117,6 +117,12 @@ class StorageDomainDetachError(VmhostError):
     message = "Error detaching storage domain"
 
 
+class AcquireLockFailure(VmhostError):
+    """A VM's lease is held by another host (the VM runs there)."""
+    code = 651
+    message = "Cannot obtain lock"
+
+
 class AcquireHostIdFailure(VmhostError):
     """Joining a shared domain's sanlock lockspace failed (or this host has no host id)."""
     code = 661

@@ -13,7 +13,8 @@ import libvirt
 import pytest
 
 from conftest import VM_PREFIX, wait_for
-from labutil import lab_cli, lab_dir, wait_acquired  # noqa: F401 - lab_dir is a fixture
+from labutil import (lab_cli, lab_dir, lab_up, shared_domain,  # noqa: F401 - lab_dir: fixture
+                     wait_acquired)
 from vmhost.client import Client, RpcError
 from vmhost.lab import procs
 from vmhost.lab.lab import Lab
@@ -168,5 +169,62 @@ def test_two_hosts_share_a_posixfs_domain(lab_dir, workdir):
     lab_cli(lab_dir, "poweroff", "host1")
     lab_cli(lab_dir, "boot", "host1")
     wait_acquired(hosts[0]["url"], sd)
+    h1.close()
+    h2.close()
+
+
+def sanlock_resources(lab_dir: str, host: str) -> dict[str, int]:
+    """Resources this host's sanlock daemon holds: "lockspace:name" -> holder pid."""
+    out = lab_cli(lab_dir, "exec", host, "sanlock", "client", "status", "-o", "p")
+    held, pid = {}, 0
+    for line in out.splitlines():
+        if line.startswith("p ") and line.split()[1].isdigit():
+            pid = int(line.split()[1])
+        elif line.startswith("r "):
+            lockspace, name = line.split()[1].split(":")[:2]
+            held[f"{lockspace}:{name}"] = pid
+    return held
+
+
+def test_a_vm_on_a_shared_domain_runs_holding_its_lease(lab_dir, workdir):
+    storage = os.path.join(workdir, "shared")
+    hosts = lab_up(lab_dir, storage, 2)
+    sd = shared_domain(hosts, storage)
+    h1, h2 = (Client(h["url"], timeout=60) for h in hosts)
+    img, vol = str(uuid.uuid4()), str(uuid.uuid4())
+    h1.call("Volume.create", storagedomainID=sd, imageID=img, volumeID=vol, size=16 << 20,
+            volFormat="COW", preallocate="SPARSE", diskType="DATA", desc="",
+            srcImgUUID="00000000-0000-0000-0000-000000000000",
+            srcVolUUID="00000000-0000-0000-0000-000000000000")
+
+    # A disk on a shared domain: the VM gets a lease keyed by its UUID, held by its QEMU.
+    vm = str(uuid.uuid4())
+    params = {"vmName": VM_PREFIX + vm[:8], "memSize": 32, "devices": [
+        {"device": "disk", "domainID": sd, "imageID": img, "volumeID": vol}]}
+    h1.call("VM.create", vmID=vm, vmParams=params)
+    held = sanlock_resources(lab_dir, "host1")
+    assert f"{sd}:{vm}" in held, held
+    holder = lab_cli(lab_dir, "exec", "host1", "cat", f"/proc/{held[f'{sd}:{vm}']}/comm")
+    assert holder.strip() == "qemu-system-x86"      # pids as host1's namespace sees them
+    lease = h2.call("Lease.info", lease={"sd_id": sd, "lease_id": vm})
+    # host2 cannot run it (on one machine QEMU's image locks may refuse it first).
+    with pytest.raises(RpcError):
+        h2.call("VM.create", vmID=vm, vmParams=params)
+    assert h2.call("Host.getVMList") == []
+
+    # A lease device without disks: only sanlock can refuse, and it says why.
+    other = str(uuid.uuid4())
+    h1.call("Lease.create", lease={"sd_id": sd, "lease_id": other})
+    leased = {"vmName": VM_PREFIX + other[:8], "memSize": 32, "devices": [
+        {"device": "lease", "type": "lease", "sd_id": sd, "lease_id": other}]}
+    h1.call("VM.create", vmID=other, vmParams=leased)
+    with pytest.raises(RpcError) as e:
+        h2.call("VM.create", vmID=other, vmParams=leased)
+    assert e.value.code == 651 and "held by another host" in e.value.message
+    assert h2.call("Host.getVMList") == []
+    h1.call("VM.destroy", vmID=other)
+    h2.call("VM.create", vmID=other, vmParams=leased)       # free again: host2 runs it
+    assert f"{sd}:{other}" in sanlock_resources(lab_dir, "host2")
+    assert lease["offset"] != h1.call("Lease.info", lease={"sd_id": sd, "lease_id": other})["offset"]
     h1.close()
     h2.close()

@@ -216,6 +216,10 @@ class StorageService:
         if not self._joined_domain(sd_uuid).delete_lease(lease_id):
             raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
 
+    def is_shared(self, sd_uuid: str) -> bool:
+        """Whether VMs with disks on the domain need a lease (posixfs)."""
+        return isinstance(self.domain(sd_uuid), PosixStorageDomain)
+
     def _joined_domain(self, sd_uuid: str) -> PosixStorageDomain:
         """A shared domain whose lockspace this host holds (sanlock's index needs it)."""
         dom = self.domain(sd_uuid)

@@ -90,7 +90,7 @@ class VmService:
         try:
             with vm.lock:
                 self._prepare_drives(definition, vm_params["devices"], allow_illegal)
-                self._start(vm)
+                self._start(vm, self._leases(definition, vm_params["devices"]))
         except BaseException:
             with self._lock:
                 self._vms.pop(vm_id, None)
@@ -123,15 +123,35 @@ class VmService:
             definition.drives.append(Drive(name=name, domain=d["domainID"], image=d["imageID"],
                                            chain=list(prepared.chain), format=prepared.format))
 
-    def _start(self, vm: Vm) -> None:
+    def _leases(self, definition: VmDefinition, devices: list[dict]) -> tuple[domxml.LeaseSpec, ...]:
+        """The VM's leases: its lease devices (VDSM's {"device": "lease", "sd_id", "lease_id"},
+        created beforehand with Lease.create), or else, when a disk is on a shared domain,
+        a lease keyed by the VM's UUID on the first such domain (created if missing)."""
+        wanted = []
+        for i, d in enumerate(x for x in devices if x.get("device") == "lease"):
+            wanted.append((check_uuid(d.get("sd_id"), f"vmParams lease device {i}: sd_id"),
+                           check_uuid(d.get("lease_id"), f"vmParams lease device {i}: lease_id"),
+                           self._storage.lease_info))
+        shared = [dr.domain for dr in definition.drives if self._storage.is_shared(dr.domain)]
+        if not wanted and shared:
+            wanted.append((shared[0], definition.vm_id, self._storage.create_lease))
+        infos = [lookup(sd, lease_id) for sd, lease_id, lookup in wanted]
+        return tuple(domxml.LeaseSpec(i["sd_id"], i["lease_id"], i["path"], i["offset"])
+                     for i in infos)
+
+    def _start(self, vm: Vm, leases: tuple[domxml.LeaseSpec, ...] = ()) -> None:
         d = vm.definition
         xml = domxml.build(
             d.vm_id, d.name, d.mem_mib, self.virt_type,
             [domxml.DiskSpec(dr.name, dr.path, dr.format) for dr in d.drives],
-            domxml.metadata_element(d.to_json()))
+            domxml.metadata_element(d.to_json()), leases)
         try:
             dom = self._conn().createXML(xml, 0)
         except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY and leases:
+                # libvirt's sanlock driver: the VM runs (or its lease is held) elsewhere.
+                raise errors.AcquireLockFailure(
+                    f"VM {d.vm_id}: its lease is held by another host: {e}") from None
             if "already exists" in str(e):
                 raise errors.VMExists(f"libvirt refused VM {d.vm_id}: {e}") from None
             raise errors.GeneralError(f"libvirt could not start VM {d.vm_id}: {e}") from None
