@@ -222,9 +222,18 @@ def test_a_vm_on_a_shared_domain_runs_holding_its_lease(lab_dir, workdir):
         h2.call("VM.create", vmID=other, vmParams=leased)
     assert e.value.code == 651 and "held by another host" in e.value.message
     assert h2.call("Host.getVMList") == []
-    h1.call("VM.destroy", vmID=other)
-    h2.call("VM.create", vmID=other, vmParams=leased)       # free again: host2 runs it
+    # libvirt gives the lease up while a VM is paused: another host can then start the VM,
+    # and the paused one cannot resume.
+    h1.call("VM.pause", vmID=other)
+    wait_for(lambda: f"{sd}:{other}" not in sanlock_resources(lab_dir, "host1"), 30,
+             "host1 to release the paused VM's lease")
+    h2.call("VM.create", vmID=other, vmParams=leased)
     assert f"{sd}:{other}" in sanlock_resources(lab_dir, "host2")
+    with pytest.raises(RpcError) as e:
+        h1.call("VM.cont", vmID=other)
+    assert e.value.code == 651 and "stays paused" in e.value.message
+    assert h1.call("VM.getStats", vmID=other)[0]["status"] == "Paused"
+    h1.call("VM.destroy", vmID=other)
     assert lease["offset"] != h1.call("Lease.info", lease={"sd_id": sd, "lease_id": other})["offset"]
     h1.close()
     h2.close()

@@ -194,6 +194,13 @@ class VmService:
                 # event may already have been handled.
                 vm.status, vm.pause_code = status_from_state(*dom.state())
             except libvirt.libvirtError as e:
+                if op == "resume" and e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY:
+                    # libvirt gave the VM's lease up at the pause; another host took it
+                    # (and may run the VM): this QEMU must stay paused.
+                    vm.status, vm.pause_code = status_from_state(*dom.state())
+                    raise errors.AcquireLockFailure(
+                        f"VM {vm_id} stays paused: its lease is held by another host: {e}") \
+                        from None
                 raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
             if vm.status == UP:
                 vm.eio_aliases.clear()
