@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -53,3 +54,14 @@ def shared_domain(hosts: list[dict], storage: str) -> str:
     for h in hosts:
         wait_acquired(h["url"], sd)
     return sd
+
+
+def retry(attempt, timeout: float, what: str, interval: float = 1.0):
+    """Call attempt() until it returns a truthy value, `interval` apart, as an engine
+    retries a verb (each attempt may be costly: a VM.create starts a QEMU)."""
+    deadline = time.monotonic() + timeout
+    while not (value := attempt()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return value
