@@ -237,3 +237,43 @@ def test_a_vm_on_a_shared_domain_runs_holding_its_lease(lab_dir, workdir):
     assert lease["offset"] != h1.call("Lease.info", lease={"sd_id": sd, "lease_id": other})["offset"]
     h1.close()
     h2.close()
+
+
+def test_one_writer_per_image(lab_dir, workdir):
+    """While host1 runs a VM on an image, host2 changes nothing of that image; once the
+    VM is gone, host2 may (holding the image's lease meanwhile)."""
+    storage = os.path.join(workdir, "shared")
+    hosts = lab_up(lab_dir, storage, 2)
+    sd = shared_domain(hosts, storage)
+    h1, h2 = (Client(h["url"], timeout=60) for h in hosts)
+    img, base, top, spare = (str(uuid.uuid4()) for _ in range(4))
+    blank = "00000000-0000-0000-0000-000000000000"
+
+    def create(c: Client, vol: str, parent: str = blank) -> None:
+        c.call("Volume.create", storagedomainID=sd, imageID=img, volumeID=vol, size=16 << 20,
+               volFormat="COW", preallocate="SPARSE", diskType="DATA", desc="",
+               srcImgUUID=img if parent != blank else blank, srcVolUUID=parent)
+    create(h2, base)                       # no VM yet: any host, under the image lease
+    create(h2, top, parent=base)
+    vm = str(uuid.uuid4())
+    h1.call("VM.create", vmID=vm, vmParams={"vmName": VM_PREFIX + vm[:8], "memSize": 32,
+            "devices": [{"device": "disk", "domainID": sd, "imageID": img, "volumeID": top}]})
+    assert f"{sd}:{img}" in sanlock_resources(lab_dir, "host1")     # held by the VM's QEMU
+    before = sorted(os.listdir(os.path.join(storage, sd, "images", img)))
+    for call in (lambda: create(h2, spare, parent=top),
+                 lambda: h2.call("Volume.delete", storagedomainID=sd, imageID=img,
+                                 volumeID=top),
+                 lambda: h2.call("Image.reconcileVolumeChain", storagedomainID=sd,
+                                 imageID=img, leafVolID=top)):
+        with pytest.raises(RpcError) as e:
+            call()
+        assert e.value.code == 651 and "in use on another host" in e.value.message
+    assert sorted(os.listdir(os.path.join(storage, sd, "images", img))) == before
+    # The VM's own host still writes its chain (a snapshot's new leaf).
+    create(h1, spare, parent=top)
+    h1.call("VM.destroy", vmID=vm)
+    assert h2.call("Image.reconcileVolumeChain", storagedomainID=sd, imageID=img,
+                   leafVolID=top) == [base, top]
+    h2.call("Volume.delete", storagedomainID=sd, imageID=img, volumeID=spare)
+    h1.close()
+    h2.close()

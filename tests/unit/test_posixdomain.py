@@ -12,6 +12,8 @@ import pytest
 
 from vmhost import errors
 from vmhost.ids import BLANK_UUID
+from vmhost.storage.image import Image
+from vmhost.storage.metadata import Prealloc, VolFormat
 from vmhost.storage.service import StorageService
 
 MiB = 1 << 20
@@ -84,11 +86,16 @@ def test_connect_checks_the_directory_holds_that_shared_domain(service, root, tm
 def test_volumes_on_a_shared_domain_have_leases(service, root):
     sd, img, vol = (str(uuid.uuid4()) for _ in range(3))
     service.create_domain(sd, 6, root, "shared")
-    service.create_volume(sd, img, vol, 16 * MiB, "COW", src_img_uuid=BLANK_UUID)
+    # Through the service, a shared image is changed only under its lease: no sanlock
+    # daemon here, so no host id held, and a clear refusal.
+    with pytest.raises(errors.AcquireHostIdFailure, match="not joined"):
+        service.create_volume(sd, img, vol, 16 * MiB, "COW", src_img_uuid=BLANK_UUID)
+    image = Image(service.domain(sd), img)
+    image.create_volume(vol, 16 * MiB, VolFormat.COW, Prealloc.SPARSE, "DATA", "", None)
     lease = os.path.join(root, sd, "images", img, vol + ".lease")
     leader = read_leader("-r", f"{sd}:{vol}:{lease}:0")
     assert (leader["space_name"], leader["resource_name"]) == (sd, vol)
-    service.delete_volume(sd, img, vol)
+    image.delete_volume(vol)
     assert not os.path.exists(lease)
     assert not os.path.exists(os.path.dirname(lease))
 
@@ -96,7 +103,8 @@ def test_volumes_on_a_shared_domain_have_leases(service, root):
 def test_disconnect_forgets_the_domain_unless_a_vm_uses_it(service, root, tmp_path):
     sd, img, vol = (str(uuid.uuid4()) for _ in range(3))
     service.create_domain(sd, 6, root, "shared")
-    service.create_volume(sd, img, vol, 16 * MiB, "COW")
+    Image(service.domain(sd), img).create_volume(vol, 16 * MiB, VolFormat.COW, Prealloc.SPARSE,
+                                                 "DATA", "", None)
     service.volume_in_use = lambda s, i, v: (s, i, v) == (sd, img, vol)
     with pytest.raises(errors.StorageDomainDetachError, match=vol):
         service.disconnect_domain(sd)

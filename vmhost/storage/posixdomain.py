@@ -17,6 +17,7 @@ writes them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -158,6 +159,20 @@ class PosixStorageDomain(FileStorageDomain):
             self._index(sanlock.index_delete, lease_id, offset)
             found = True
         return found
+
+    @contextlib.contextmanager
+    def image_lease(self, img: str):
+        """Hold the image's lease (a VM running the image holds it through its QEMU), so
+        that only one host at a time changes the image's volumes and metadata."""
+        offset = self.create_lease(img)
+        try:
+            with sanlock.holding(self.uuid, img, self.xleases_path, offset):
+                yield
+        except sanlock.SanlockError as e:
+            if e.errno in sanlock.CONTENDED:
+                raise errors.AcquireLockFailure(
+                    f"image {img} is in use on another host (its lease is held): {e}") from None
+            raise errors.GeneralError(f"image {img} lease on {self.uuid}: {e}") from None
 
     def _index(self, call, lease_id: str, *args):
         """One index operation; the daemon holds the index's own paxos lease meanwhile,

@@ -10,7 +10,9 @@ UUIDs (36). Failures raise SanlockError with sanlock's errno and message.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import subprocess
 
 MiB = 1 << 20
@@ -105,7 +107,8 @@ def _call(fn, *args, **kwargs):
     try:
         return fn(sanlock)(*args, **kwargs)
     except sanlock.SanlockException as e:   # args: (errno, what failed, strerror)
-        raise SanlockError(e.errno, ": ".join(str(a) for a in e.args[1:])) from None
+        # errno is positive for system errors, negative for sanlock's own (-243...)
+        raise SanlockError(abs(e.errno), ": ".join(str(a) for a in e.args[1:])) from None
 
 
 def add_lockspace(lockspace: str, host_id: int, path: str, io_timeout: int) -> None:
@@ -133,3 +136,21 @@ def rem_lockspace(lockspace: str, host_id: int, path: str) -> None:
     except SanlockError as e:
         if e.errno != errno.ENOENT:    # not joined
             raise
+
+
+@contextlib.contextmanager
+def holding(lockspace: str, resource: str, path: str, offset: int):
+    """Hold a resource lease for the duration of the block, as this process (the
+    daemon releases it if the process dies). Raises SanlockError: CONTENDED while
+    a live host holds it; while the holder's host is dead but not yet expired,
+    sanlock waits inside the acquire."""
+    fd = _call(lambda s: s.register)
+    try:
+        disks = [(path, offset)]
+        _call(lambda s: s.acquire, lockspace.encode(), resource.encode(), disks, slkfd=fd)
+        try:
+            yield
+        finally:
+            _call(lambda s: s.release, lockspace.encode(), resource.encode(), disks, slkfd=fd)
+    finally:
+        os.close(fd)

@@ -6,6 +6,7 @@ per-image locks, and turns domain/image operations into API dictionaries.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,6 +217,20 @@ class StorageService:
         if not self._joined_domain(sd_uuid).delete_lease(lease_id):
             raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
 
+    @contextlib.contextmanager
+    def _sole_writer(self, sd_uuid: str, img_uuid: str):
+        """One writer per image on a shared domain: the host running the image's VM (its
+        QEMU holds the image lease), or else the host holding the image lease meanwhile;
+        refused (651) while the VM runs on another host."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain) or any(
+                self.volume_in_use(sd_uuid, img_uuid, vol) for vol in dom.volumes(img_uuid)):
+            yield
+            return
+        self._joined_domain(sd_uuid)
+        with dom.image_lease(img_uuid):
+            yield
+
     def is_shared(self, sd_uuid: str) -> bool:
         """Whether VMs with disks on the domain need a lease (posixfs)."""
         return isinstance(self.domain(sd_uuid), PosixStorageDomain)
@@ -309,7 +324,7 @@ class StorageService:
         if parent and src_img_uuid not in (BLANK_UUID, img_uuid):
             raise errors.InvalidParameter(
                 "srcImgUUID must be imageID: a parent in another image is not supported")
-        with self._image_lock(sd_uuid, img_uuid):
+        with self._image_lock(sd_uuid, img_uuid), self._sole_writer(sd_uuid, img_uuid):
             md = image.create_volume(vol_uuid, size, fmt, prealloc, disk_type, desc, parent)
         return self._volume_dict(image, md)
 
@@ -326,7 +341,8 @@ class StorageService:
             image.check_no_children(vol_uuid)
             if self.volume_in_use(sd_uuid, img_uuid, vol_uuid):
                 raise errors.VolumeIsBusy(f"volume {vol_uuid} is used by a running VM")
-            image.delete_volume(vol_uuid)
+            with self._sole_writer(sd_uuid, img_uuid):
+                image.delete_volume(vol_uuid)
 
     def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
         return self._image(sd_uuid, img_uuid).chain(check_uuid(leaf_uuid, "volumeID"))
@@ -375,18 +391,26 @@ class StorageService:
             if self.volume_in_use(sd_uuid, img_uuid, leaf_uuid):
                 raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM; "
                                           "use VM.synchronizeDisks")
-            infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
-                                  backing_chain=True)
-            chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
-            for vol in chain:
-                if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
-                    raise errors.ImageFileNotFound(
-                        f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
-            # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
-            while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
-                chain.pop()
-            case = image.sync_chain(leaf_uuid, chain)
-        log.info("image %s reconciled from %s: %s (%s)", img_uuid, leaf_uuid, chain, case)
+            with self._sole_writer(sd_uuid, img_uuid):
+                chain = self._reconcile_locked(image, leaf_uuid)
+        log.info("image %s reconciled from %s: %s", img_uuid, leaf_uuid, chain)
+        return chain
+
+    @staticmethod
+    def _reconcile_locked(image: Image, leaf_uuid: str) -> list[str]:
+        img_uuid = image.uuid
+        infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
+                              backing_chain=True)
+        chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
+        for vol in chain:
+            if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
+                raise errors.ImageFileNotFound(
+                    f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
+        # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
+        while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
+            chain.pop()
+        case = image.sync_chain(leaf_uuid, chain)
+        log.info("image %s: metadata synced to %s (%s)", img_uuid, chain, case)
         return chain
 
     def domain_valid(self, sd_uuid: str) -> bool:

@@ -126,15 +126,18 @@ class VmService:
     def _leases(self, definition: VmDefinition, devices: list[dict]) -> tuple[domxml.LeaseSpec, ...]:
         """The VM's leases: its lease devices (VDSM's {"device": "lease", "sd_id", "lease_id"},
         created beforehand with Lease.create), or else, when a disk is on a shared domain,
-        a lease keyed by the VM's UUID on the first such domain (created if missing)."""
+        a lease keyed by the VM's UUID on the first such domain; and the lease of each
+        image on a shared domain (created if missing)."""
         wanted = []
         for i, d in enumerate(x for x in devices if x.get("device") == "lease"):
             wanted.append((check_uuid(d.get("sd_id"), f"vmParams lease device {i}: sd_id"),
                            check_uuid(d.get("lease_id"), f"vmParams lease device {i}: lease_id"),
                            self._storage.lease_info))
-        shared = [dr.domain for dr in definition.drives if self._storage.is_shared(dr.domain)]
+        shared = [dr for dr in definition.drives if self._storage.is_shared(dr.domain)]
         if not wanted and shared:
-            wanted.append((shared[0], definition.vm_id, self._storage.create_lease))
+            wanted.append((shared[0].domain, definition.vm_id, self._storage.create_lease))
+        # And each image's lease: no other host changes the image while the VM runs.
+        wanted += [(dr.domain, dr.image, self._storage.create_lease) for dr in shared]
         infos = [lookup(sd, lease_id) for sd, lease_id, lookup in wanted]
         return tuple(domxml.LeaseSpec(i["sd_id"], i["lease_id"], i["path"], i["offset"])
                      for i in infos)
