@@ -267,7 +267,7 @@ def test_one_writer_per_image(lab_dir, workdir):
                                  imageID=img, leafVolID=top)):
         with pytest.raises(RpcError) as e:
             call()
-        assert e.value.code == 651 and "in use on another host" in e.value.message
+        assert e.value.code == 651 and "held by another host" in e.value.message
     assert sorted(os.listdir(os.path.join(storage, sd, "images", img))) == before
     # The VM's own host still writes its chain (a snapshot's new leaf).
     create(h1, spare, parent=top)

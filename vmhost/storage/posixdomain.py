@@ -139,39 +139,69 @@ class PosixStorageDomain(FileStorageDomain):
         return self._index(sanlock.index_lookup, lease_id)
 
     def create_lease(self, lease_id: str) -> int:
-        """The lease's offset, creating it if needed. Two hosts creating the same
-        lease at once may both add it to the index: each then keeps the first
-        entry the index returns and deletes its own if that is another one."""
+        """The lease's offset, creating it if needed. Lookup and create happen under the
+        SDM lease (VDSM's rule: one writer of the lease index at a time), so two hosts
+        creating the same lease at once end with one entry."""
         found = self.find_lease(lease_id)
         if found is not None:
             return found
-        mine = self._index(sanlock.index_create, lease_id)
-        first = self.find_lease(lease_id)
-        if first != mine:
-            self._index(sanlock.index_delete, lease_id, mine)
-        assert first is not None
-        return first
+
+        def lookup_or_create() -> int:
+            again = self.find_lease(lease_id)
+            return again if again is not None else self._index(sanlock.index_create, lease_id)
+        return self._as_sdm(lookup_or_create)
 
     def delete_lease(self, lease_id: str) -> bool:
-        """Remove every index entry of the lease. Returns whether there was one."""
-        found = False
-        while (offset := self.find_lease(lease_id)) is not None:
-            self._index(sanlock.index_delete, lease_id, offset)
-            found = True
-        return found
+        """Remove the lease from the index. Returns whether there was one."""
+        offset = self.find_lease(lease_id)
+        if offset is None:
+            return False
+        self._as_sdm(lambda: self._index(sanlock.index_delete, lease_id, offset))
+        return True
+
+    def _as_sdm(self, work):
+        """Run work holding the domain's SDM lease; another host holding it makes us
+        retry (it holds it only for an index change)."""
+        leases = self._md_path("leases")
+        deadline = time.monotonic() + INDEX_RETRY_SECONDS
+        while True:
+            try:
+                with sanlock.holding(self.uuid, SDM_RESOURCE, leases, SDM_OFFSET):
+                    return work()
+            except sanlock.SanlockError as e:
+                if e.errno not in sanlock.CONTENDED or time.monotonic() > deadline:
+                    raise errors.GeneralError(f"SDM lease of {self.uuid}: {e}") from None
+            time.sleep(random.uniform(0.05, 0.5))   # desynchronise the contending hosts
+
+    def check_free(self, name: str, offset: int, host_id: int) -> None:
+        """Refuse (651) at once if another host holds the lease in xleases at offset and is
+        not known dead. (Acquiring it would make sanlock wait, up to the holder's expiry,
+        when the holder stopped renewing.)"""
+        try:
+            owners = sanlock.lease_owners(self.uuid, name, self.xleases_path, offset)
+            states = {o: sanlock.host_state(self.uuid, o) for o in owners if o != host_id}
+        except sanlock.SanlockError as e:
+            raise errors.GeneralError(f"lease {name} on {self.uuid}: {e}") from None
+        for owner, (state, io_timeout) in states.items():
+            if state not in ("dead", "free"):
+                expiry = f"{8 * io_timeout + 60} s" if io_timeout else "8 x io_timeout + 60 s"
+                raise errors.AcquireLockFailure(
+                    f"lease {name} on {self.uuid} is held by another host (host id {owner}, "
+                    f"{state}); a dead host's leases expire {expiry} after its last renewal")
 
     @contextlib.contextmanager
-    def image_lease(self, img: str):
+    def image_lease(self, img: str, host_id: int):
         """Hold the image's lease (a VM running the image holds it through its QEMU), so
         that only one host at a time changes the image's volumes and metadata."""
         offset = self.create_lease(img)
+        self.check_free(img, offset, host_id)
         try:
             with sanlock.holding(self.uuid, img, self.xleases_path, offset):
                 yield
         except sanlock.SanlockError as e:
             if e.errno in sanlock.CONTENDED:
                 raise errors.AcquireLockFailure(
-                    f"image {img} is in use on another host (its lease is held): {e}") from None
+                    f"image {img}: its lease is held by another host: {e}") from None
             raise errors.GeneralError(f"image {img} lease on {self.uuid}: {e}") from None
 
     def _index(self, call, lease_id: str, *args):

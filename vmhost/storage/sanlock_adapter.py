@@ -138,6 +138,30 @@ def rem_lockspace(lockspace: str, host_id: int, path: str) -> None:
             raise
 
 
+def lease_owners(lockspace: str, resource: str, path: str, offset: int) -> list[int]:
+    """Host ids the lease's leader names as holding it (maybe failing or dead ones)."""
+    owners = _call(lambda s: s.read_resource_owners, lockspace.encode(), resource.encode(),
+                   [(path, offset)])
+    return [int(o["host_id"]) for o in owners]
+
+
+def host_state(lockspace: str, host_id: int) -> tuple[str, int]:
+    """(state, io_timeout) of a host id as this host's daemon sees it: "free", "live",
+    "fail" (not renewing), "dead" or "unknown" (just joined, or not known yet)."""
+    sanlock = _binding()
+    names = {sanlock.HOST_FREE: "free", sanlock.HOST_LIVE: "live", sanlock.HOST_FAIL: "fail",
+             sanlock.HOST_DEAD: "dead", sanlock.HOST_UNKNOWN: "unknown"}
+    try:
+        hosts = _call(lambda s: s.get_hosts, lockspace.encode(), host_id)
+    except SanlockError as e:
+        if e.errno == errno.EAGAIN:
+            return "unknown", 0
+        raise
+    if not hosts:
+        return "unknown", 0
+    return names.get(hosts[0]["flags"], "unknown"), int(hosts[0].get("io_timeout", 0))
+
+
 @contextlib.contextmanager
 def holding(lockspace: str, resource: str, path: str, offset: int):
     """Hold a resource lease for the duration of the block, as this process (the

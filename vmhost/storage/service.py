@@ -228,8 +228,12 @@ class StorageService:
             yield
             return
         self._joined_domain(sd_uuid)
-        with dom.image_lease(img_uuid):
+        with dom.image_lease(img_uuid, self._host_id):
             yield
+
+    def check_lease_free(self, sd_uuid: str, lease_id: str, offset: int) -> None:
+        """651 at once if another host (not known dead) holds the lease."""
+        self._joined_domain(sd_uuid).check_free(lease_id, offset, self._host_id)
 
     def is_shared(self, sd_uuid: str) -> bool:
         """Whether VMs with disks on the domain need a lease (posixfs)."""

@@ -139,6 +139,8 @@ class VmService:
         # And each image's lease: no other host changes the image while the VM runs.
         wanted += [(dr.domain, dr.image, self._storage.create_lease) for dr in shared]
         infos = [lookup(sd, lease_id) for sd, lease_id, lookup in wanted]
+        for info in infos:     # fail fast rather than wait in libvirt for a dead host's expiry
+            self._storage.check_lease_free(info["sd_id"], info["lease_id"], info["offset"])
         return tuple(domxml.LeaseSpec(i["sd_id"], i["lease_id"], i["path"], i["offset"])
                      for i in infos)
 
