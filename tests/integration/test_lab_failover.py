@@ -3,7 +3,7 @@
 host1 runs a VM whose disk is a two-layer chain on a shared (posixfs) domain, with
 guest data in each layer. host1 loses power. host2's VM.create cannot start the VM
 while the dead host's lease lives (sanlock's host_dead_seconds, 68 s for lab hosts:
-the call waits that long), then does; host2 sees the chain and the data, and merges
+it answers 651 meanwhile), then does; host2 sees the chain and the data, and merges
 it. host1, booted again, knows no such VM. (The failover during a merge builds on
 this.)"""
 from __future__ import annotations
@@ -74,9 +74,7 @@ def test_vm_restarts_on_another_host_once_the_dead_hosts_lease_expires(lab_dir, 
         lab_cli(lab_dir, "poweroff", "host1")
         cut = time.monotonic()
         params["devices"][0]["volumeID"] = top       # the chain the engine knew
-        # Until the dead host's lease expires, host2 cannot start the VM: sanlock either
-        # refuses at once (651; it saw host1 alive a moment ago) or waits, inside the
-        # acquire libvirt makes when the CPUs start, until the owner is dead.
+        # Until the dead host's lease expires, host2 cannot start the VM: 651 at once.
         with Client(hosts[1]["url"], timeout=180) as patient:
             def started() -> bool:
                 try:
