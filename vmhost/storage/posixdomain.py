@@ -163,15 +163,11 @@ class PosixStorageDomain(FileStorageDomain):
         """Run work holding the domain's SDM lease; another host holding it makes us
         retry (it holds it only for an index change)."""
         leases = self._md_path("leases")
-        deadline = time.monotonic() + INDEX_RETRY_SECONDS
-        while True:
-            try:
-                with sanlock.holding(self.uuid, SDM_RESOURCE, leases, SDM_OFFSET):
-                    return work()
-            except sanlock.SanlockError as e:
-                if e.errno not in sanlock.CONTENDED or time.monotonic() > deadline:
-                    raise errors.GeneralError(f"SDM lease of {self.uuid}: {e}") from None
-            time.sleep(random.uniform(0.05, 0.5))   # desynchronise the contending hosts
+
+        def attempt():
+            with sanlock.holding(self.uuid, SDM_RESOURCE, leases, SDM_OFFSET):
+                return work()
+        return _retry_contended(attempt, f"SDM lease of {self.uuid}")
 
     def check_free(self, name: str, offset: int, host_id: int) -> None:
         """Refuse (651) at once if another host holds the lease in xleases at offset and is
@@ -208,15 +204,8 @@ class PosixStorageDomain(FileStorageDomain):
         """One index operation; the daemon holds the index's own paxos lease meanwhile,
         so a host changing the index at the same moment makes us retry."""
         check_uuid(lease_id, "lease_id")
-        deadline = time.monotonic() + INDEX_RETRY_SECONDS
-        while True:
-            try:
-                return call(self.uuid, self.xleases_path, lease_id, *args)
-            except sanlock.SanlockError as e:
-                if e.errno not in sanlock.CONTENDED or time.monotonic() > deadline:
-                    raise errors.GeneralError(f"VM lease {lease_id} on {self.uuid}: {e}") \
-                        from None
-            time.sleep(random.uniform(0.05, 0.5))   # desynchronise the contending hosts
+        return _retry_contended(lambda: call(self.uuid, self.xleases_path, lease_id, *args),
+                                f"VM lease {lease_id} on {self.uuid}")
 
     # --- volume leases ----------------------------------------------------
 
@@ -233,6 +222,18 @@ class PosixStorageDomain(FileStorageDomain):
     def remove(self, img: str, vol: str) -> None:
         unlink_durable(self.lease_path(img, vol))
         super().remove(img, vol)
+
+
+def _retry_contended(attempt, what: str):
+    """attempt(), again while a short-held lease is CONTENDED by another host."""
+    deadline = time.monotonic() + INDEX_RETRY_SECONDS
+    while True:
+        try:
+            return attempt()
+        except sanlock.SanlockError as e:
+            if e.errno not in sanlock.CONTENDED or time.monotonic() > deadline:
+                raise errors.GeneralError(f"{what}: {e}") from None
+        time.sleep(random.uniform(0.05, 0.5))   # desynchronise the contending hosts
 
 
 def _sparse_file(path: str, size: int) -> None:
