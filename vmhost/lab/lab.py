@@ -126,8 +126,9 @@ class Lab:
         if io_timeout < 1:
             raise LabError(f"--io-timeout must be at least 1, got {io_timeout}")
         with self.locked():
-            state = self._plan(hosts, storage, io_timeout)
-            _ensure_bridge(state)
+            with _machine_lock():    # two labs starting at once must not pick one subnet
+                state = self._plan(hosts, storage, io_timeout)
+                _ensure_bridge(state)
             for h in state.hosts:
                 if not self._running(h):
                     self._boot(state, h)
@@ -315,6 +316,14 @@ class Lab:
                                f"{self.host_dir(h.name)}/log/")
             return _answers(_url(h), "Host.getVMList")   # refused while it recovers
         procs.wait_until(ready, timeout, f"{h.name}'s agent to be ready at {_url(h)}", 0.1)
+
+
+@contextlib.contextmanager
+def _machine_lock():
+    os.makedirs(LINKS_DIR, mode=0o755, exist_ok=True)
+    with open(os.path.join(LINKS_DIR, ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _links_dir(state: LabState) -> str:
