@@ -42,6 +42,12 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",
                 "|---|---|---|---|---|---|---|---|---|"]
         out += [_row(r) for r in rs]
+    expiry = by.pop("lease-expiry", [])
+    if expiry:
+        out += ["", "## Lease expiry: a lab host powered off, another takes its lease", "",
+                "sanlock frees a dead host's leases after 8 x io_timeout + 60 s.", "",
+                "| io_timeout (s) | seconds from power-off |", "|---|---|"]
+        out += [f"| {r['ioTimeout']} | {r['seconds']} |" for r in expiry]
     try:
         fuzz = json.load(open(fuzz_path))
     except FileNotFoundError:

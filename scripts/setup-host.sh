@@ -2,12 +2,14 @@
 # Idempotent host set-up for vmhost on Debian 12 without systemd: packages,
 # the libvirt-qemu user, /dev/kvm access, virtlogd + libvirtd (under a child
 # subreaper so destroyed QEMU processes are reaped at once). Run as root.
+# sanlock and libvirt's sanlock lock driver serve shared domains and `vmhost lab`;
+# their daemons are started per lab host (vmhost/lab), not here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 # fuse: libfuse2 + fusermount for the freezable test file system (tests/integration/freezefs.py)
 PKGS="qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev
-      pkg-config gcc libc6-dev python3-venv fuse"
+      pkg-config gcc libc6-dev python3-venv fuse sanlock python3-sanlock libvirt-sanlock"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -69,7 +69,8 @@ class Agent:
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
             monitor_timeout=config.monitor_timeout, op_timeout=config.storage_op_timeout,
-            workers=config.storage_workers, queue_size=config.storage_queue)
+            workers=config.storage_workers, queue_size=config.storage_queue,
+            sanlock_host_id=config.sanlock_host_id, sanlock_io_timeout=config.sanlock_io_timeout)
         # Before anything uses it; needs the registry: which domains are ours.
         self.agent_id = load_agent_id(config, set(self.storage.repo_stats()), adopt_identity)
         self.repairs = ImageRepairs(config.state_dir, self.storage, self.scheduler,

@@ -135,6 +135,34 @@ class StorageDomainCreationError(VmhostError):
     message = "Error creating a storage domain"
 
 
+class StorageDomainDetachError(VmhostError):
+    """Disconnecting a domain this host still uses."""
+    code = 356
+    message = "Error detaching storage domain"
+
+
+class AcquireLockFailure(VmhostError):
+    """A VM's lease is held by another host (the VM runs there)."""
+    code = 651
+    message = "Cannot obtain lock"
+
+
+class AcquireHostIdFailure(VmhostError):
+    """Joining a shared domain's sanlock lockspace failed (or this host has no host id)."""
+    code = 661
+    message = "Cannot acquire host id"
+
+
+class ReleaseHostIdFailure(VmhostError):
+    code = 662
+    message = "Cannot release host id"
+
+
+class NoSuchLease(VmhostError):
+    code = 936
+    message = "No such lease"
+
+
 class InvalidParameter(VmhostError):
     """A value that passed the schema but is still wrong (e.g. size 0)."""
     code = 1000

@@ -279,7 +279,7 @@ def test_cli_unreachable_agent(capsys, closed_port):
 
 @pytest.mark.parametrize("argv,message", [
     (["VM", "explode"], "unknown verb 'VM.explode' (VM verbs:"),
-    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, Image, SDM, StorageDomain, VM, Volume)"),
+    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, Image, Lease, SDM, StorageDomain, VM, Volume)"),
     (["VM", "getStats", "vmID"], "expected key=value, got 'vmID'"),
     (["VM", "getStats", "=x"], "expected key=value, got '=x'"),
     (["VM", "getStats", f"vmID={VM}", f"vmID={VM}"], "parameter 'vmID' given twice"),
