@@ -22,7 +22,8 @@ from vmhost.client import Client, RpcError
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
 from vmhost.storage.metadata import VolumeMetadata
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.virt import domxml
 
 MiB = 1 << 20
 
