@@ -10,7 +10,12 @@ setup: host venv
 host:
 	bash scripts/setup-host.sh
 
+# PyPI has no sanlock binding: use Debian's python3-sanlock module (same cp311 ABI).
+SANLOCK_SO := /usr/lib/python3/dist-packages/sanlock.cpython-311-x86_64-linux-gnu.so
+
 venv: $(STAMP)
+	$(PY) -c 'import sanlock' 2>/dev/null || cp $(SANLOCK_SO) \
+	    "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])')/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +38,7 @@ faults: setup
 	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
 	    tests/integration/test_crash_matrix.py tests/integration/test_merge_edges.py \
 	    tests/integration/test_merge_edges_chain.py tests/integration/test_hung_storage.py \
+	    tests/integration/test_cold_merge.py \
 	    tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 

@@ -27,11 +27,12 @@ from typing import Any, Callable, Iterable
 import libvirt
 import libvirt_qemu
 
-from vmhost.cli.agentproc import AgentProcess
 from vmhost.client import Client, TransportError
-from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
-from vmhost.virt import guestio
+from vmhost.testing import guestio
+from vmhost.testing.agentproc import AgentProcess
+from vmhost.testing.volumes import create_volume
+from vmhost.testing.waiting import wait_for  # noqa: F401 (the scripts import it from here)
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -280,12 +281,7 @@ class Bench:
         return os.path.join(self.image_dir(img), vol)
 
     def create_volume(self, img: str, parent: str | None = None, size: int = 64 * MiB) -> str:
-        vol = str(uuid.uuid4())
-        self.call("Volume.create", storagedomainID=self.sd, imageID=img, volumeID=vol,
-                  size=size, volFormat="COW", preallocate="SPARSE", diskType="DATA",
-                  desc="bench", srcImgUUID=img if parent else BLANK_UUID,
-                  srcVolUUID=parent or BLANK_UUID)
-        return vol
+        return create_volume(self.client, self.sd, img, parent=parent, size=size, desc="bench")
 
     def delete_volume(self, img: str, vol: str) -> None:
         self.call("Volume.delete", storagedomainID=self.sd, imageID=img, volumeID=vol)
@@ -548,17 +544,6 @@ def retry_libvirt(fn: Callable[[], Any], attempts: int = 5, delay: float = 2.0) 
                 raise
             log(f"libvirt call failed ({e}); retrying in {delay}s")
             time.sleep(delay)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def drop_caches() -> None:

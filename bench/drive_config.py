@@ -31,7 +31,8 @@ import libvirt
 from common import (GiB, MiB, Bench, LibvirtJobEvents, default_out_dir, fmt_ms, host_facts, log,
                     main_guard, md_table, median, save_result)
 from merge_throughput import dd_copy, offline_commit
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.virt import domxml
 
 PATTERN = 0x3A
 CAPACITY = 2 * GiB

@@ -24,7 +24,8 @@ import libvirt
 
 from common import (LIBVIRT_URI, MiB, Bench, LibvirtJobEvents, default_out_dir, fmt_ms, host_facts,
                     log, main_guard, md_table, percentile, save_result)
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.virt import domxml
 
 MODES = ("shared connection", "one connection each", "shared connection, ASYNC")
 

@@ -35,12 +35,19 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
                         ("failed-pivot", "Agent killed inside a failed pivot"),
                         ("vm-gone", "VM gone mid-merge: its storage work as an image repair"),
                         ("snapshot-crash", "Agent killed inside VM.snapshot"),
-                        ("delete-crash", "Agent killed inside Volume.delete")):
+                        ("delete-crash", "Agent killed inside Volume.delete"),
+                        ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",
                 "|---|---|---|---|---|---|---|---|---|"]
         out += [_row(r) for r in rs]
+    expiry = by.pop("lease-expiry", [])
+    if expiry:
+        out += ["", "## Lease expiry: a lab host powered off, another takes its lease", "",
+                "sanlock frees a dead host's leases after 8 x io_timeout + 60 s.", "",
+                "| io_timeout (s) | seconds from power-off |", "|---|---|"]
+        out += [f"| {r['ioTimeout']} | {r['seconds']} |" for r in expiry]
     try:
         fuzz = json.load(open(fuzz_path))
     except FileNotFoundError:

@@ -27,6 +27,7 @@ from vmhost.config import Config
 from vmhost.events import EventBus
 from vmhost.metrics import Metrics
 from vmhost.scheduler import DONE, Scheduler
+from vmhost.storage.coldmerge import ColdMerger
 from vmhost.storage.repairs import ImageRepairs
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
@@ -68,7 +69,8 @@ class Agent:
         self.storage = StorageService(
             config.state_dir, monitor_interval=config.monitor_interval,
             monitor_timeout=config.monitor_timeout, op_timeout=config.storage_op_timeout,
-            workers=config.storage_workers, queue_size=config.storage_queue)
+            workers=config.storage_workers, queue_size=config.storage_queue,
+            sanlock_host_id=config.sanlock_host_id, sanlock_io_timeout=config.sanlock_io_timeout)
         # Before anything uses it; needs the registry: which domains are ours.
         self.agent_id = load_agent_id(config, set(self.storage.repo_stats()), adopt_identity)
         self.repairs = ImageRepairs(config.state_dir, self.storage, self.scheduler,
@@ -83,13 +85,17 @@ class Agent:
             history=JobHistory(os.path.join(config.state_dir, "job-history.json"),
                                config.job_history_size, config.job_history_ttl),
             repairs=self.repairs)
+        self.cold_merges = ColdMerger(self.storage, self.scheduler, self.agent_id,
+                                      commit_timeout=config.cold_merge_timeout,
+                                      keep_seconds=config.storage_job_ttl)
         self.host = HostService(self.connection.get, virt_type="qemu",
                                 pending_work=self.scheduler.pending)
         self.metrics = Metrics(self.vms, self.scheduler, self.storage)
         self._wire()
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms)
+        services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms,
+                                         jobs=self.cold_merges)
         self.dispatcher = Dispatcher(load_schema(), build_table(services),
                                      is_ready=self._ready.is_set,
                                      observe=self.metrics.observe_request)
@@ -101,6 +107,8 @@ class Agent:
     def _wire(self) -> None:
         self.events.listen(self.metrics.on_event)
         self.storage.volume_in_use = self.vms.volume_in_use
+        self.cold_merges.vm_in_use = self.vms.volume_in_use
+        self.storage.image_job = self.cold_merges.image_job
         self.storage.subscribe(self._on_domain_status)
         self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
         self.connection.io_error_listeners.append(self.vms.on_io_error)
@@ -137,6 +145,7 @@ class Agent:
         self.server.start()
         log.info("API listening on %s:%d", self.config.address[0], self.server.port)
         self.storage.start()
+        self.cold_merges.resume()     # each job waits for its domain to be VALID
         threading.Thread(target=self._recover, name="recovery", daemon=True).start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:

@@ -12,6 +12,7 @@ import tomllib
 import typing
 
 DEFAULT_CONFIG_FILE = "/etc/vmhost/vmhost.toml"
+MAX_SANLOCK_HOST_ID = 2000                   # sanlock's limit on host ids in a lockspace
 
 
 class ConfigError(ValueError):
@@ -31,6 +32,11 @@ class Config:
     # Paths and libvirt
     state_dir: str = "/var/lib/vmhost"
     libvirt_uri: str = "qemu:///system"
+    # Shared storage: this host's sanlock host id in every lockspace it joins, unique
+    # among the hosts sharing a domain (1-2000; 0 = none: shared domains cannot be
+    # joined). Not the agent's identity UUID (state_dir/host-id).
+    sanlock_host_id: int = 0
+    sanlock_io_timeout: int = 10             # seconds; a dead host's leases expire after 8x + 60
     # Storage domain monitor
     monitor_interval: float = 5.0            # seconds between domain checks
     monitor_timeout: float = 10.0            # a domain read slower than this makes it INVALID
@@ -46,6 +52,9 @@ class Config:
     final_job_ttl: float = 10.0              # seconds a finished job stays in vmJobs once shown
     job_history_size: int = 1000             # finished jobs kept for Host.getJobHistory
     job_history_ttl: float = 7 * 86400.0     # seconds a finished job is kept
+    # Storage jobs (cold merge, vmhost/storage/coldmerge.py)
+    cold_merge_timeout: float = 6 * 3600.0   # deadline of one qemu-img commit
+    storage_job_ttl: float = 3600.0          # seconds a finished job stays in Host.getJobs
     # Scheduler
     workers: int = 8                         # threads running scheduled work
     retry_backoff_max: float = 30.0          # ceiling of the retry backoff, seconds
@@ -68,6 +77,11 @@ class Config:
         self.address
         if self.tls and not (self.tls_cert and self.tls_key and self.tls_ca):
             raise ConfigError("TLS needs all of tls_cert, tls_key and tls_ca")
+        if not 0 <= self.sanlock_host_id <= MAX_SANLOCK_HOST_ID:
+            raise ConfigError(f"sanlock_host_id must be 1-{MAX_SANLOCK_HOST_ID} "
+                              f"(0 = none), got {self.sanlock_host_id}")
+        if self.sanlock_io_timeout < 1:
+            raise ConfigError(f"sanlock_io_timeout must be at least 1, got {self.sanlock_io_timeout}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
         for f in dataclasses.fields(self):

@@ -56,6 +56,30 @@ class DestinationVolumeTooSmall(VmhostError):
     message = "Destination volume is too small"
 
 
+class GenerationMismatch(VmhostError):
+    """A volume's GEN is not the one the caller read (VDSM's fencing of
+    storage jobs). Code 100: VDSM's own code for it was not verified."""
+    code = 100
+    message = "Generation mismatch"
+
+
+class JobExists(VmhostError):
+    """A host job with this id is known (VDSM's jobs.JobExistsError)."""
+    code = 100
+    message = "Job already exists"
+
+
+class NoSuchJob(VmhostError):
+    code = 100
+    message = "No such job"
+
+
+class JobInWrongState(VmhostError):
+    """Abort of a job past the point of no return, delete of a running one."""
+    code = 100
+    message = "Job is in the wrong state for this"
+
+
 class RecoveryInProgress(VmhostError):
     code = 99
     message = "Recovering from crash or Initializing"
@@ -109,6 +133,34 @@ class StorageDomainAlreadyExists(VmhostError):
 class StorageDomainCreationError(VmhostError):
     code = 351
     message = "Error creating a storage domain"
+
+
+class StorageDomainDetachError(VmhostError):
+    """Disconnecting a domain this host still uses."""
+    code = 356
+    message = "Error detaching storage domain"
+
+
+class AcquireLockFailure(VmhostError):
+    """A VM's lease is held by another host (the VM runs there)."""
+    code = 651
+    message = "Cannot obtain lock"
+
+
+class AcquireHostIdFailure(VmhostError):
+    """Joining a shared domain's sanlock lockspace failed (or this host has no host id)."""
+    code = 661
+    message = "Cannot acquire host id"
+
+
+class ReleaseHostIdFailure(VmhostError):
+    code = 662
+    message = "Cannot release host id"
+
+
+class NoSuchLease(VmhostError):
+    code = 936
+    message = "No such lease"
 
 
 class InvalidParameter(VmhostError):

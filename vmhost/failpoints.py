@@ -43,7 +43,17 @@ EDGE_POINTS: tuple[str, ...] = (
     "vm.snapshot.before", "vm.snapshot.after",
     "storage.delete.files_removed",
 )
-POINTS: tuple[str, ...] = MERGE_POINTS + EDGE_POINTS
+# The cold merge (vmhost.storage.coldmerge): each phase's side effect, before
+# (the phase is persisted) and after (the next one is not yet); `running`
+# dies on qemu-img's first progress report, mid-commit.
+COLD_POINTS: tuple[str, ...] = (
+    "coldmerge.prepare.before", "coldmerge.prepare.after",
+    "coldmerge.commit.before", "coldmerge.commit.running", "coldmerge.commit.after",
+    "coldmerge.rebase.before", "coldmerge.rebase.after",
+    "coldmerge.finalize.before", "coldmerge.finalize.synced", "coldmerge.finalize.marked",
+    "coldmerge.finalize.after",
+)
+POINTS: tuple[str, ...] = MERGE_POINTS + EDGE_POINTS + COLD_POINTS
 
 
 def _parse(spec: str) -> tuple[str, int] | None:

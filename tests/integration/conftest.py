@@ -8,17 +8,20 @@ import hashlib
 import os
 import shutil
 import subprocess
-import time
 import uuid
 
 import libvirt
 import pytest
 
-from vmhost.cli.agentproc import AgentProcess
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
 from vmhost.storage.metadata import VolumeMetadata
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.testing.agentproc import AgentProcess
+from vmhost.testing.outage import storage_hidden  # noqa: F401 (tests import it from here)
+from vmhost.testing.volumes import create_volume
+from vmhost.testing.waiting import wait_for
+from vmhost.virt import domxml
 
 MiB = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -78,12 +81,8 @@ class Env:
 
     def create_volume(self, img: str, vol: str | None = None, parent: str | None = None,
                       size: int = 64 * MiB, fmt: str = "COW") -> str:
-        vol = vol or str(uuid.uuid4())
-        self.call("Volume.create", storagedomainID=self.sd, imageID=img, volumeID=vol,
-                  size=size, volFormat=fmt, preallocate="SPARSE", diskType="DATA",
-                  desc="test", srcImgUUID=img if parent else BLANK_UUID,
-                  srcVolUUID=parent or BLANK_UUID)
-        return vol
+        return create_volume(self.client, self.sd, img, vol=vol, parent=parent, size=size,
+                             fmt=fmt)
 
     def image_dir(self, img: str) -> str:
         return os.path.join(self.storage_root, self.sd, "images", img)
@@ -185,32 +184,6 @@ class Guest:
             for block in range(offset // 65536, (offset + length) // 65536):
                 owner[block] = pattern
         return [(p, b * 65536, 65536) for b, p in sorted(owner.items())]
-
-
-@contextlib.contextmanager
-def storage_hidden(path: str):
-    """A real outage at the file-system level: an empty tmpfs mounted over the
-    storage. QEMU keeps its open files and runs on; everything that opens a
-    path (the agent, its domain monitor, qemu-img) finds nothing."""
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "vmhost-test-hide", path],
-                   check=True)
-    try:
-        assert os.listdir(path) == [], "the storage should be hidden"
-        yield
-    finally:
-        subprocess.run(["umount", "-l", path], check=True)
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    """Poll `predicate` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def chain_with_data(env: Env, workdir: str, data_mib: int = 16):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 
-from vmhost.cli.agentproc import AgentProcess
+from vmhost.testing.agentproc import AgentProcess
 
 REFUSED = 3   # vmhost.cli.main.EXIT_IDENTITY
 

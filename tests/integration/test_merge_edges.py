@@ -20,7 +20,8 @@ import pytest
 from conftest import start_agent, storage_hidden, wait_for
 from scenario import build, check_no_leak, merge, record
 from vmhost.failpoints import ENV
-from vmhost.virt import domxml, guestio
+from vmhost.testing import guestio
+from vmhost.virt import domxml
 
 MiB = 1 << 20
 
@@ -166,15 +167,17 @@ def test_no_pause_for_a_pivot_whose_marker_cannot_be_written(env, workdir):
     g.assert_intact(img)
 
 
+@pytest.mark.parametrize("kind", ["internal", "active"])
 @pytest.mark.parametrize("point", ["merge.down.repair_queued", "repair.queued",
                                    "repair.done.before_forget"])
-def test_crash_while_handing_a_dead_vms_job_to_a_repair(env, workdir, point):
+def test_crash_while_handing_a_dead_vms_job_to_a_repair(env, workdir, point, kind):
     vm, img, chain, g = build(env, workdir)
     guestio.qemu_io(env.dom(vm), "vda", "flush")
+    base, top = (chain[0], chain[2]) if kind == "internal" else (chain[1], chain[3])
     env.agent.kill9()
     env.agent = start_agent(env.agent.state_dir, env={ENV: point})
     proc = env.agent.proc
-    job = merge(env, vm, img, chain, chain[0], chain[2], bandwidth=1)
+    job = merge(env, vm, img, chain, base, top, bandwidth=1)
     wait_for(lambda: int(env.vm_jobs(vm).get(job, {}).get("cur", "1")), 20, "progress")
     kill_qemu(env, vm)
     wait_for(lambda: proc.poll() is not None, 60, f"the agent to die at {point}")
@@ -185,7 +188,7 @@ def test_crash_while_handing_a_dead_vms_job_to_a_repair(env, workdir, point):
     vm2 = engine_restarts_vm(env, vm, img, chain[-1], g)
     g.assert_intact(img)
     assert env.vm_jobs(vm2) == {}
-    report("vm-gone", point, "internal", "killed", env.agent_chain(vm2, img), merged=False,
+    report("vm-gone", point, kind, "killed", env.agent_chain(vm2, img), merged=False,
            final="failed")
 
 

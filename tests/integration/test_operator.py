@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 from conftest import Env, _destroy_test_domains, chain_with_data, wait_for
-from vmhost.cli.agentproc import AgentProcess, free_port
+from vmhost.testing.agentproc import AgentProcess, free_port
 from vmhost.client import Client, TransportError
 
 MiB = 1 << 20

@@ -9,7 +9,7 @@ import subprocess
 import uuid
 
 from conftest import VM_PREFIX, start_agent, storage_hidden
-from vmhost.virt import guestio
+from vmhost.testing import guestio
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import uuid
 
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
-from vmhost.virt import guestio
+from vmhost.testing import guestio
 
 MiB = 1 << 20
 

@@ -57,6 +57,7 @@ def fake_services(**answers: Any) -> SimpleNamespace:
         storage=FakeService(bridge.StorageService, create_volume={"uuid": VOL}),
         vms=FakeService(bridge.VmService, get_stats=[{"vmId": VM, "status": "Up"}],
                         **answers),
+        jobs=FakeService(bridge.JobService, get_jobs={}),
     )
 
 
@@ -98,6 +99,18 @@ BRIDGE_CASES = [
      "storage", "create_domain", {"sd_uuid": SD, "domain_type": "localfs", "type_args": "/srv/sd", "name": "n"}),
     ("StorageDomain.create", {"storagedomainID": SD, "domainType": "localfs", "typeArgs": "/x", "name": "n"},
      "storage", "create_domain", {"sd_uuid": SD, "domain_type": "localfs", "type_args": "/x", "name": "n"}),
+    ("StorageDomain.create", {"storagedomainID": SD, "domainType": 6, "typeArgs": "/x", "name": "n"},
+     "storage", "create_domain", {"sd_uuid": SD, "domain_type": "posixfs", "type_args": "/x", "name": "n"}),
+    ("StorageDomain.connect", {"storagedomainID": SD, "domainType": 6, "typeArgs": "/x"},
+     "storage", "connect_domain", {"sd_uuid": SD, "domain_type": "posixfs", "type_args": "/x"}),
+    ("Lease.create", {"lease": {"sd_id": SD, "lease_id": VM}, "job_id": IMG}, "storage",
+     "create_lease", {"sd_uuid": SD, "lease_id": VM}),
+    ("Lease.info", {"lease": {"sd_id": SD, "lease_id": VM}}, "storage", "lease_info",
+     {"sd_uuid": SD, "lease_id": VM}),
+    ("Lease.delete", {"lease": {"sd_id": SD, "lease_id": VM}}, "storage", "delete_lease",
+     {"sd_uuid": SD, "lease_id": VM}),
+    ("StorageDomain.disconnect", {"storagedomainID": SD}, "storage", "disconnect_domain",
+     {"sd_uuid": SD}),
     ("StorageDomain.getInfo", {"storagedomainID": SD}, "storage", "domain_info", {"sd_uuid": SD}),
     ("StorageDomain.getVolumes", {"storagedomainID": SD, "imageID": IMG, "storagepoolID": BLANK},
      "storage", "list_volumes", {"sd_uuid": SD, "img_uuid": IMG}),
@@ -144,6 +157,15 @@ BRIDGE_CASES = [
     ("Image.reconcileVolumeChain", {**{k: v for k, v in V.items() if k != "volumeID"},
                                     "leafVolID": VOL, "storagepoolID": BLANK},
      "storage", "reconcile_chain", {"sd_uuid": SD, "img_uuid": IMG, "leaf_uuid": VOL}),
+    ("SDM.merge", {"job_id": VM, "subchain_info": {"sd_id": SD, "img_id": IMG, "base_id": SD,
+                                                   "top_id": VOL, "base_generation": 2}},
+     "jobs", "merge", {"job_id": VM, "subchain": {"sd_id": SD, "img_id": IMG, "base_id": SD,
+                                                  "top_id": VOL, "base_generation": 2}}),
+    ("Host.getJobs", {}, "jobs", "get_jobs", {"job_type": None, "job_ids": None}),
+    ("Host.getJobs", {"job_type": "storage", "job_ids": [VM]}, "jobs", "get_jobs",
+     {"job_type": "storage", "job_ids": [VM]}),
+    ("Host.abortJob", {"job_id": VM}, "jobs", "abort", {"job_id": VM}),
+    ("Host.deleteJob", {"job_id": VM}, "jobs", "delete", {"job_id": VM}),
 ]
 
 
@@ -152,7 +174,7 @@ def test_bridge_calls_the_service(verb, params, service, method, kwargs):
     load_schema().validate(verb, params)  # the bridge only ever sees valid params
     services = fake_services()
     call(services, verb, params)
-    called = [c for s in ("host", "storage", "vms") for c in getattr(services, s).calls]
+    called = [c for s in ("host", "storage", "vms", "jobs") for c in getattr(services, s).calls]
     assert called == [(method, kwargs)]
     assert getattr(services, service).calls == [(method, kwargs)]
 

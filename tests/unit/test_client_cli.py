@@ -279,7 +279,7 @@ def test_cli_unreachable_agent(capsys, closed_port):
 
 @pytest.mark.parametrize("argv,message", [
     (["VM", "explode"], "unknown verb 'VM.explode' (VM verbs:"),
-    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, Image, StorageDomain, VM, Volume)"),
+    (["Vm", "create"], "unknown verb 'Vm.create' (namespaces: Host, Image, Lease, SDM, StorageDomain, VM, Volume)"),
     (["VM", "getStats", "vmID"], "expected key=value, got 'vmID'"),
     (["VM", "getStats", "=x"], "expected key=value, got '=x'"),
     (["VM", "getStats", f"vmID={VM}", f"vmID={VM}"], "parameter 'vmID' given twice"),
@@ -638,3 +638,150 @@ def test_snapshot_remove_usage_errors(capsys, merge_agent, argv_tail, message):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert merge_agent.calls == []
+
+
+# --- snapshot remove of an image no VM runs: a cold merge ---------------------------------
+
+class ColdAgent:
+    """A fake agent for cold merges: volumes BASE <- MID <- LEAF (GEN 4 each);
+    each Host.getJobs shows the next of `statuses` ((status, progress)); past
+    them the job ends as `ending` says ("done", "failed", or "gone": the agent
+    forgot the job, with `gen_after` as the base's GEN then)."""
+
+    def __init__(self, statuses=(("pending", 0), ("running", 40), ("running", 90)),
+                 ending="done", gen_after=5):
+        self.statuses, self.ending, self.gen_after = list(statuses), ending, gen_after
+        self.parents = {BASE: BLANK, MID: BASE, LEAF: MID}
+        self.legal = {BASE, MID, LEAF}
+        self.calls: list[tuple[str, dict]] = []
+        self.job: dict | None = None
+
+    def table(self):
+        def recorded(verb, handler):
+            def handle(params):
+                self.calls.append((verb, params))
+                return handler(params)
+            return handle
+        return {verb: recorded(verb, handler) for verb, handler in {
+            "SDM.merge": self._merge,
+            "Host.getJobs": self._jobs,
+            "Host.getVMFullList": lambda p: [],
+            "Volume.getInfo": self._info,
+            "StorageDomain.getVolumes": lambda p: sorted(self.parents),
+            "Volume.delete": self._delete,
+        }.items()}
+
+    def verbs(self):
+        return [verb for verb, _ in self.calls]
+
+    def _info(self, p):
+        vol = p["volumeID"]
+        gen = self.gen_after if (vol == self._base() and self.job and self.job["ended"]) else 4
+        return {"uuid": vol, "parent": self.parents[vol], "generation": gen,
+                "legality": "LEGAL" if vol in self.legal else "ILLEGAL"}
+
+    def _base(self):
+        return self.job["subchain"]["base_id"] if self.job else None
+
+    def _merge(self, p):
+        self.job = {"id": p["job_id"], "subchain": p["subchain_info"], "step": 0, "ended": False}
+        return True
+
+    def _jobs(self, p):
+        job = self.job
+        if job["step"] < len(self.statuses):
+            status, progress = self.statuses[job["step"]]
+            job["step"] += 1
+            return {job["id"]: {"id": job["id"], "status": status, "progress": progress,
+                                "description": "cold merge", "job_type": "storage"}}
+        job["ended"] = True
+        if self.ending == "gone":
+            return {}
+        top = job["subchain"]["top_id"]
+        if self.ending == "done":
+            self.legal.discard(top)
+            for vol, parent in self.parents.items():
+                if parent == top:
+                    self.parents[vol] = job["subchain"]["base_id"]
+            info = {"status": "done", "progress": 100}
+        else:
+            info = {"status": "failed", "progress": 40,
+                    "error": {"code": 52, "message": "commit: no space left"}}
+        return {job["id"]: {"id": job["id"], "description": "cold merge", "job_type": "storage",
+                            **info}}
+
+    def _delete(self, p):
+        del self.parents[p["volumeID"]]
+        return True
+
+
+BLANK = "00000000-0000-0000-0000-000000000000"
+
+
+@pytest.fixture
+def cold_agent(request, fast_polls):
+    fake = ColdAgent(**getattr(request, "param", {}))
+    server = serve(fake)
+    fake.url = f"http://127.0.0.1:{server.port}/jsonrpc"
+    yield fake
+    server.stop()
+
+
+def cold_argv(url, volume, *extra):
+    return ["--url", url, "snapshot", "remove", f"storagedomainID={SD}", f"imageID={IMG}",
+            f"volumeID={volume}", *extra]
+
+
+@pytest.mark.parametrize("volume,base,chain", [(LEAF, MID, [BASE, MID]), (MID, BASE, [BASE, LEAF])])
+def test_snapshot_remove_without_a_vm_is_a_cold_merge(capsys, cold_agent, volume, base, chain):
+    code, out, err = run(capsys, *cold_argv(cold_agent.url, volume))
+    assert code == 0, err
+    assert json.loads(out) == chain
+    params = next(p for verb, p in cold_agent.calls if verb == "SDM.merge")
+    assert params["subchain_info"] == {"sd_id": SD, "img_id": IMG, "top_id": volume,
+                                       "base_id": base, "base_generation": 4}
+    assert "[####......]  40%  running" in err and err.endswith("\n")
+    assert ("Volume.delete", {"storagedomainID": SD, "imageID": IMG, "volumeID": volume}) in \
+        cold_agent.calls
+
+
+@pytest.mark.parametrize("cold_agent", [{"ending": "gone", "gen_after": 5}], indirect=True)
+def test_cold_merge_forgotten_by_the_agent_is_judged_by_the_base_gen(capsys, cold_agent):
+    code, out, err = run(capsys, *cold_argv(cold_agent.url, LEAF))
+    assert code == 0, err
+    assert "Volume.delete" in cold_agent.verbs()
+
+
+@pytest.mark.parametrize("cold_agent", [{"ending": "gone", "gen_after": 4},
+                                        {"ending": "failed"}], indirect=True)
+def test_cold_merge_not_done_deletes_nothing(capsys, cold_agent):
+    code, out, err = run(capsys, *cold_argv(cold_agent.url, LEAF))
+    assert code == 1
+    assert f"volume {LEAF} was not deleted" in err
+    assert ("no space left" in err) or ("no longer known" in err)
+    assert "Volume.delete" not in cold_agent.verbs()
+
+
+def test_cold_snapshot_remove_usage(capsys, cold_agent, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--url", cold_agent.url, "snapshot", "remove", f"imageID={IMG}",
+                  f"volumeID={MID}"])
+    assert e.value.code == 2 and "storagedomainID=..." in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(cold_argv(cold_agent.url, BASE))
+    assert "is the base of the chain" in capsys.readouterr().err
+    # A VM that is not on this host (down) with a domain given: a cold merge.
+    cold_agent.calls.clear()
+    code, _, err = run(capsys, "--url", cold_agent.url, "snapshot", "remove", f"vmID={VM}",
+                       f"storagedomainID={SD}", f"imageID={IMG}", f"volumeID={LEAF}")
+    assert code == 0, err
+    assert cold_agent.verbs()[:2] == ["Host.getVMFullList", "Volume.getInfo"]
+    assert "SDM.merge" in cold_agent.verbs()
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_pause", interrupt)
+    cold_agent.parents = {BASE: BLANK, MID: BASE, LEAF: MID}
+    cold_agent.job = None
+    code, _, err = run(capsys, *cold_argv(cold_agent.url, LEAF))
+    assert code == 130 and "Host abortJob job_id=" in err and "Volume delete" in err

@@ -11,7 +11,7 @@ import pytest
 from vmhost.backoff import thread_errors
 from vmhost.virt import connection as connection_mod
 from vmhost.virt.connection import Connection, run_event_loop
-from waiting import wait_for
+from vmhost.testing.waiting import wait_for
 
 DEADLINE = 10.0
 

@@ -12,7 +12,6 @@ from vmhost import errors
 from vmhost.ids import BLANK_UUID
 from vmhost.storage.metadata import (MAX_DESCRIPTION, Legality, MetadataError, VolFormat,
                                      VolType, VolumeMetadata, decode_value, encode_value)
-from vmhost.storage.service import StorageService
 
 MiB = 1 << 20
 U = lambda: str(uuid.uuid4())  # noqa: E731
@@ -81,15 +80,7 @@ def test_reader_refuses_duplicate_keys_and_splits_on_newline_only():
 
 # --- through the storage service (real file domain, real qemu-img) -------------
 
-@pytest.fixture
-def storage(tmp_path):
-    root = tmp_path / "sd"
-    root.mkdir()
-    svc = StorageService(str(tmp_path / "state"))
-    svc.sd = U()
-    svc.create_domain(svc.sd, "localfs", str(root), "unit")
-    yield svc
-    svc.stop()
+from test_storage import storage  # noqa: E402,F401  (the same fixture: a real file domain)
 
 
 def test_hostile_desc_and_disktype_round_trip_and_keep_the_image_readable(storage):

@@ -13,7 +13,7 @@ import pytest
 from vmhost.backoff import thread_errors
 from vmhost.storage import monitor as monitor_mod
 from vmhost.storage.monitor import DomainMonitor, Prober
-from waiting import wait_for
+from vmhost.testing.waiting import wait_for
 
 DEADLINE = 10.0
 

@@ -10,7 +10,7 @@ import pytest
 
 from vmhost.backoff import thread_errors
 from vmhost.scheduler import DONE, Retry, Scheduler
-from waiting import wait_for
+from vmhost.testing.waiting import wait_for
 
 DEADLINE = 10.0
 

@@ -24,6 +24,11 @@ class HostService(Protocol):
 
 class StorageService(Protocol):
     def create_domain(self, sd_uuid: str, domain_type: str, type_args: str, name: str) -> dict: ...
+    def connect_domain(self, sd_uuid: str, domain_type: str, type_args: str) -> dict: ...
+    def disconnect_domain(self, sd_uuid: str) -> None: ...
+    def create_lease(self, sd_uuid: str, lease_id: str) -> dict: ...
+    def lease_info(self, sd_uuid: str, lease_id: str) -> dict: ...
+    def delete_lease(self, sd_uuid: str, lease_id: str) -> None: ...
     def domain_info(self, sd_uuid: str) -> dict: ...
     def repo_stats(self, domains: list[str] | None) -> dict: ...
     def list_volumes(self, sd_uuid: str, img_uuid: str) -> list[str]: ...
@@ -53,14 +58,22 @@ class VmService(Protocol):
     def synchronize_disks(self, vm_id: str) -> dict: ...
 
 
+class JobService(Protocol):
+    def merge(self, job_id: str, subchain: dict) -> None: ...
+    def get_jobs(self, job_type: str | None, job_ids: list[str] | None) -> dict: ...
+    def abort(self, job_id: str) -> None: ...
+    def delete(self, job_id: str) -> None: ...
+
+
 class Services(Protocol):
     host: HostService
     storage: StorageService
     vms: VmService
+    jobs: JobService
 
 
 # VDSM's numeric codes (storage/constants.py) -> the names services use.
-_DOMAIN_TYPES = {4: "localfs"}
+_DOMAIN_TYPES = {4: "localfs", 6: "posixfs"}
 _VOLUME_FORMATS = {4: "COW", 5: "RAW"}
 _PREALLOCATION = {1: "PREALLOCATED", 2: "SPARSE"}
 
@@ -109,6 +122,17 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
         sd_uuid=p["storagedomainID"],
         domain_type=_named(_DOMAIN_TYPES, p["domainType"]),
         type_args=p["typeArgs"], name=p["name"]),
+    "Lease.create": lambda s, p: s.storage.create_lease(
+        sd_uuid=p["lease"]["sd_id"], lease_id=p["lease"]["lease_id"]),
+    "Lease.delete": lambda s, p: s.storage.delete_lease(
+        sd_uuid=p["lease"]["sd_id"], lease_id=p["lease"]["lease_id"]),
+    "Lease.info": lambda s, p: s.storage.lease_info(
+        sd_uuid=p["lease"]["sd_id"], lease_id=p["lease"]["lease_id"]),
+    "StorageDomain.connect": lambda s, p: s.storage.connect_domain(
+        sd_uuid=p["storagedomainID"], domain_type=_named(_DOMAIN_TYPES, p["domainType"]),
+        type_args=p["typeArgs"]),
+    "StorageDomain.disconnect": lambda s, p: s.storage.disconnect_domain(
+        sd_uuid=p["storagedomainID"]),
     "StorageDomain.getInfo": lambda s, p: s.storage.domain_info(sd_uuid=p["storagedomainID"]),
     "StorageDomain.getVolumes": lambda s, p: s.storage.list_volumes(
         sd_uuid=p["storagedomainID"], img_uuid=p["imageID"]),
@@ -133,6 +157,11 @@ _VERBS: dict[str, Callable[[Services, dict[str, Any]], Any]] = {
     "VM.synchronizeDisks": lambda s, p: s.vms.synchronize_disks(vm_id=p["vmID"]),
     "Image.reconcileVolumeChain": lambda s, p: s.storage.reconcile_chain(
         sd_uuid=p["storagedomainID"], img_uuid=p["imageID"], leaf_uuid=p["leafVolID"]),
+    "SDM.merge": lambda s, p: s.jobs.merge(job_id=p["job_id"], subchain=p["subchain_info"]),
+    "Host.getJobs": lambda s, p: s.jobs.get_jobs(job_type=p.get("job_type"),
+                                                 job_ids=p.get("job_ids")),
+    "Host.abortJob": lambda s, p: s.jobs.abort(job_id=p["job_id"]),
+    "Host.deleteJob": lambda s, p: s.jobs.delete(job_id=p["job_id"]),
 }
 
 

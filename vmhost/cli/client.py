@@ -35,6 +35,7 @@ Commands that are more than one call:
   abort it).
 
     vmhost-client snapshot remove vmID=... imageID=... volumeID=V [bandwidth=N]
+    vmhost-client snapshot remove storagedomainID=... imageID=... volumeID=V
 
   Removes volume V from the drive's chain while the VM runs, for people
   without an engine: V's data is merged into its parent (an active merge if
@@ -43,6 +44,9 @@ Commands that are more than one call:
   its child instead, which merges the child into the base. If the merge does
   not succeed, exit 1 and nothing is deleted. Always waits (--wait is
   accepted and implied).
+  With storagedomainID and no vmID (or a vmID not running on this host: a VM
+  that is down), the image must not be in use: a cold merge (SDM.merge),
+  followed in Host.getJobs with the same progress bar.
 """
 from __future__ import annotations
 
@@ -485,8 +489,21 @@ def _key_values(words: list[str], required: tuple[str, ...],
 
 def snapshot_remove(client: Client, verb: str, args: list[str]) -> list[str]:
     _, words = _split_flags(args, {"--wait"})  # waiting is implied
-    opts = _key_values(words, ("vmID", "imageID", "volumeID"), ("bandwidth",))
-    vm_id, image, volume = opts["vmID"], opts["imageID"], opts["volumeID"]
+    opts = _key_values(words, ("imageID", "volumeID"), ("vmID", "storagedomainID", "bandwidth"))
+    vm_id = opts.get("vmID")
+    sd = opts.get("storagedomainID")
+    if vm_id is None and sd is None:
+        raise UsageError("give vmID=... (a VM running on this host) or storagedomainID=... "
+                         "(an image no VM runs: a cold merge)")
+    if vm_id is not None and (sd is None or client.call("Host.getVMFullList", vmList=[vm_id])):
+        return _live_snapshot_remove(client, vm_id, opts)
+    if "bandwidth" in opts:
+        raise UsageError("bandwidth applies to a live merge only")
+    return cold_snapshot_remove(client, sd, opts["imageID"], opts["volumeID"])
+
+
+def _live_snapshot_remove(client: Client, vm_id: str, opts: dict[str, str]) -> list[str]:
+    image, volume = opts["imageID"], opts["volumeID"]
     extra: dict[str, Any] = {}
     if "bandwidth" in opts:
         if not opts["bandwidth"].isdigit():
@@ -512,6 +529,83 @@ def snapshot_remove(client: Client, verb: str, args: list[str]) -> list[str]:
     client.call("Volume.delete", storagedomainID=drive["domainID"], imageID=image,
                 volumeID=volume)
     return new_chain
+
+
+# --- snapshot remove of an image no VM runs (a cold merge) ---------------------------
+
+BLANK_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def cold_snapshot_remove(client: Client, sd: str, image: str, volume: str) -> list[str]:
+    """SDM.merge of `volume` into its parent, followed in Host.getJobs with
+    the progress bar, then Volume.delete of `volume`. Returns the new chain."""
+    def info(vol: str) -> dict[str, Any]:
+        return client.call("Volume.getInfo", storagedomainID=sd, imageID=image, volumeID=vol)
+    base = info(volume)["parent"]
+    if base == BLANK_UUID:
+        raise UsageError(f"volume {volume} is the base of the chain and cannot be removed; "
+                         "remove its child instead")
+    generation = info(base)["generation"]
+    job_id = str(uuid.uuid4())
+    client.call("SDM.merge", job_id=job_id, subchain_info={
+        "sd_id": sd, "img_id": image, "base_id": base, "top_id": volume,
+        "base_generation": generation})
+    job = wait_for_host_job(client, job_id, hint=(
+        f"cold merge job {job_id} goes on in the agent.\nTo abort it: vmhost-client"
+        f"{_url_option(client)} Host abortJob job_id={job_id}\nOnce it is done, delete the "
+        f"volume: vmhost-client{_url_option(client)} Volume delete storagedomainID={sd} "
+        f"imageID={image} volumeID={volume}"))
+    if job["status"] == "gone":
+        # The agent restarted and forgot the job: the base's GEN tells the outcome.
+        done = info(base)["generation"] == generation + 1
+        job = {"id": job_id, "status": "done" if done else "unknown",
+               "error": "" if done else "the job is no longer known to the agent"}
+    if job["status"] != "done":
+        error = job.get("error") or {}
+        message = error.get("message", "") if isinstance(error, dict) else str(error)
+        raise CommandFailed(f"cold merge job {job_id} {job['status']}: {message}\n"
+                            f"volume {volume} was not deleted", 1, job)
+    client.call("Volume.delete", storagedomainID=sd, imageID=image, volumeID=volume)
+    return storage_chain(client, sd, image, base)
+
+
+def wait_for_host_job(client: Client, job_id: str, hint: str = "",
+                      progress: TextIO | None = None) -> dict[str, Any]:
+    """Follow Host.getJobs until the job is done, failed or aborted (its
+    HostJobInfo), or is not listed any more ({"status": "gone"})."""
+    bar = ProgressBar(progress or sys.stderr)
+    try:
+        while True:
+            try:
+                job = client.call("Host.getJobs", job_ids=[job_id]).get(job_id)
+            except RpcError as e:
+                if e.code != RECOVERING:
+                    raise
+                job = {"status": "pending", "progress": 0}
+            if job is None:
+                return {"id": job_id, "status": "gone"}
+            if job["status"] in ("done", "failed", "aborted"):
+                return job
+            bar.draw({"cur": job.get("progress", 0), "end": 100, "state": job["status"]})
+            _pause(POLL_INTERVAL)
+    except KeyboardInterrupt:
+        raise CommandFailed(f"stopped waiting; {hint}", 130) from None
+    finally:
+        bar.finish()
+
+
+def storage_chain(client: Client, sd: str, image: str, member: str) -> list[str]:
+    """The chain through `member` as the volume metadata tells it, base first:
+    parents down to the base, then the LEGAL child up to the leaf."""
+    infos = {v: client.call("Volume.getInfo", storagedomainID=sd, imageID=image, volumeID=v)
+             for v in client.call("StorageDomain.getVolumes", storagedomainID=sd, imageID=image)}
+    chain = [member]
+    while infos[chain[0]]["parent"] != BLANK_UUID:
+        chain.insert(0, infos[chain[0]]["parent"])
+    while kids := [v for v, i in infos.items()
+                   if i["parent"] == chain[-1] and i["legality"] == "LEGAL"]:
+        chain.append(kids[0])
+    return chain
 
 
 def _url_option(client: Client) -> str:

@@ -1,5 +1,5 @@
 """`vmhost` command: serve the agent, run the demo, show the configuration,
-make test certificates, print the systemd unit."""
+make test certificates, print the systemd unit, run a lab of hosts."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,8 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", help=f"HOST:PORT (default {d.listen})")
     p.add_argument("--state-dir", help=f"default {d.state_dir}")
     p.add_argument("--libvirt-uri", help=f"default {d.libvirt_uri}")
+    p.add_argument("--host-id", dest="sanlock_host_id", type=int,
+                   help="this host's sanlock host id on shared domains, 1-2000 (default none)")
     p.add_argument("--monitor-interval", type=float, help=f"seconds (default {d.monitor_interval})")
     p.add_argument("--monitor-timeout", type=float, help=f"seconds (default {d.monitor_timeout})")
     p.add_argument("--job-poll-interval", type=float,
@@ -46,8 +48,9 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["text", "json"], help=f"default {d.log_format}")
 
 
-_FLAG_SETTINGS = ("listen", "state_dir", "libvirt_uri", "monitor_interval", "monitor_timeout",
-                  "job_poll_interval", "pivot_budget", "final_job_ttl", "block_job_events", "tls_cert",
+_FLAG_SETTINGS = ("listen", "state_dir", "libvirt_uri", "sanlock_host_id", "monitor_interval",
+                  "monitor_timeout", "job_poll_interval", "pivot_budget", "final_job_ttl",
+                  "block_job_events", "tls_cert",
                   "tls_key", "tls_ca", "insecure", "log_level", "log_format")
 
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmhost", description="vmhost host agent")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    demo = sub.add_parser("demo", help="create a VM, snapshot it twice, show its chain")
+    demo = sub.add_parser("demo", help="snapshots, merges, a crash mid-merge, recovery: the whole story")
     demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
     demo.add_argument("--keep", action="store_true", help="leave the VM and volumes")
     cfg = sub.add_parser("config", help="configuration")
@@ -68,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     pki = sub.add_parser("pki", help="test certificates")
     pki.add_argument("pki_args", nargs=argparse.REMAINDER, help="init DIR [--force]")
     sub.add_parser("unit", help="print the systemd unit file")
+    sub.add_parser("lab", help="several hosts on this machine, for development and tests "
+                   "(`vmhost lab --help`)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lab"]:   # parsed by the lab itself: options of its own, before its action
+        from vmhost.lab import cli as labcli     # a development tool: not the agent's imports
+        return labcli.main(argv[1:])
     args = parser.parse_args(argv)
 
     if args.command == "demo":

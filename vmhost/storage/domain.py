@@ -44,6 +44,11 @@ class StorageDomain(abc.ABC):
         """A small file the domain monitor reads to prove the domain answers."""
 
     @abc.abstractmethod
+    def jobs_dir(self) -> str:
+        """Directory on the domain for the records of storage jobs
+        (vmhost.storage.coldmerge): any host that sees the domain finds them."""
+
+    @abc.abstractmethod
     def images(self) -> list[str]:
         """Image UUIDs present on the domain."""
 

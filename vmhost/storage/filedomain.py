@@ -3,6 +3,7 @@
     <root>/<sdUUID>/dom_md/metadata
     <root>/<sdUUID>/images/<imgUUID>/<volUUID>        (qcow2 or raw data)
     <root>/<sdUUID>/images/<imgUUID>/<volUUID>.meta   (VolumeMetadata)
+    <root>/<sdUUID>/jobs/<jobUUID>.json               (storage job records)
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ META_SUFFIX = ".meta"
 
 
 class FileStorageDomain(StorageDomain):
+    domain_type = DOMAIN_TYPE
+
     def __init__(self, manifest: DomainManifest):
         self.manifest = manifest
         self._dir = os.path.join(manifest.path, manifest.uuid)
@@ -28,7 +31,7 @@ class FileStorageDomain(StorageDomain):
     # --- life cycle ---------------------------------------------------
 
     @classmethod
-    def create(cls, root: str, sd_uuid: str, name: str) -> "FileStorageDomain":
+    def create(cls, root: str, sd_uuid: str, name: str, **format_args) -> "FileStorageDomain":
         check_uuid(sd_uuid, "storagedomainID")
         if not os.path.isabs(root):
             raise errors.StorageDomainCreationError(f"typeArgs must be an absolute path, got {root!r}")
@@ -37,16 +40,21 @@ class FileStorageDomain(StorageDomain):
         sd_dir = os.path.join(root, sd_uuid)
         if os.path.exists(sd_dir):
             raise errors.StorageDomainAlreadyExists(f"{sd_dir} already exists")
-        manifest = DomainManifest(uuid=sd_uuid, name=name, type=DOMAIN_TYPE, path=root)
+        manifest = DomainManifest(uuid=sd_uuid, name=name, type=cls.domain_type, path=root)
         os.makedirs(os.path.join(sd_dir, "images"), mode=0o755)
         os.makedirs(os.path.join(sd_dir, "dom_md"), mode=0o755)
         fsync_dir(sd_dir)
         fsync_dir(root)
         dom = cls(manifest)
+        dom._format(**format_args)
+        # Written last: a domain is complete once its metadata exists.
         atomic_write(dom.metadata_probe_path(), json.dumps({
-            "uuid": sd_uuid, "name": name, "type": DOMAIN_TYPE, "version": manifest.version,
+            "uuid": sd_uuid, "name": name, "type": cls.domain_type, "version": manifest.version,
         }).encode() + b"\n")
         return dom
+
+    def _format(self) -> None:
+        """What a domain type adds to dom_md/ before its metadata (leases, for shared types)."""
 
     # --- paths ----------------------------------------------------------
 
@@ -61,6 +69,9 @@ class FileStorageDomain(StorageDomain):
 
     def metadata_probe_path(self) -> str:
         return os.path.join(self._dir, "dom_md", "metadata")
+
+    def jobs_dir(self) -> str:
+        return os.path.join(self._dir, "jobs")
 
     # --- queries ----------------------------------------------------------
 

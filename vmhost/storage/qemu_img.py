@@ -10,11 +10,15 @@ exit is left to a reaper thread, so the caller never waits on it.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
+import re
+import signal
 import subprocess
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from vmhost.storage import executor
 
@@ -36,14 +40,26 @@ class QemuImgTimeout(QemuImgError):
     """The command did not finish by its deadline and was killed."""
 
 
-def _spawn(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run cmd to completion within its deadline (see the module docstring)."""
+class Stop(Exception):
+    """Raised by an output handler to end the command: the child is killed
+    and Stop is raised to the caller (an aborted job)."""
+
+
+def _spawn(cmd: list[str], timeout: float | None = None,
+           on_output: Callable[[str], None] | None = None,
+           die_with_parent: bool = False) -> subprocess.CompletedProcess:
+    """Run cmd to completion within its deadline (see the module docstring).
+    `on_output` gets stdout as it comes (the result's stdout is then empty)."""
     limit = executor.remaining(DEFAULT_TIMEOUT)
     if timeout is not None:
         limit = min(limit, timeout)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if die_with_parent else None)
     try:
-        out, err = proc.communicate(timeout=limit)
+        if on_output is None:
+            out, err = proc.communicate(timeout=limit)
+        else:
+            out, err = _follow(proc, on_output, limit)
     except subprocess.TimeoutExpired:
         proc.kill()
         try:
@@ -55,6 +71,48 @@ def _spawn(cmd: list[str], timeout: float | None = None) -> subprocess.Completed
                              name=f"reap/{proc.pid}").start()
         raise QemuImgTimeout(cmd, -9, f"timed out after {limit:g}s, killed") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _follow(proc: subprocess.Popen, on_output: Callable[[str], None],
+            limit: float) -> tuple[str, str]:
+    """Feed stdout to on_output while it comes; stderr is collected. An
+    Exception in on_output is logged (a reporting bug must not stop the
+    command); Stop, or anything that is not an Exception (a simulated crash),
+    kills the child and is raised here."""
+    stop: list[BaseException] = []
+
+    def read_stdout() -> None:
+        assert proc.stdout is not None
+        # os.read returns what is there: qemu-img ends progress lines with \r only.
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            try:
+                on_output(chunk.decode(errors="replace"))
+            except BaseException as e:
+                if isinstance(e, Exception) and not isinstance(e, Stop):
+                    log.exception("qemu-img output handler failed")
+                    continue
+                stop.append(e)
+                proc.kill()
+                return
+    reader = threading.Thread(target=read_stdout, daemon=True, name=f"follow/{proc.pid}")
+    reader.start()
+    assert proc.stderr is not None
+    err: list[str] = []
+    err_reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)
+    err_reader.start()
+    proc.wait(timeout=limit)
+    reader.join(KILL_GRACE)
+    err_reader.join(KILL_GRACE)
+    if stop:
+        raise stop[0]
+    return "", "".join(err)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the agent dies (PR_SET_PDEATHSIG),
+    so a restarted agent never races an orphaned qemu-img on the same images."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)     # PR_SET_PDEATHSIG = 1
 
 
 def _run(cmd: list[str], timeout: float | None = None) -> str:
@@ -110,14 +168,36 @@ def check(path: str) -> dict:
     return json.loads(p.stdout)
 
 
-def commit(top: str, base: str | None = None, drop: bool = True) -> None:
-    cmd = [QEMU_IMG, "commit", "-q", "-t", "none"]
+def commit(top: str, base: str | None = None, drop: bool = False,
+           progress: Callable[[float], None] | None = None,
+           timeout: float | None = None) -> None:
+    """`qemu-img commit -t none`: top's data into its backing file (or `base`).
+    With `progress`, qemu-img's `-p` percentages (0.0-100.0) are passed to it
+    as they come, from a reader thread. The child dies with the agent (see
+    _die_with_parent): a commit must never outlive the job that runs it."""
+    cmd = [QEMU_IMG, "commit", "-t", "none", "-p" if progress else "-q"]
     if drop:
         cmd.append("-d")
     if base:
         cmd += ["-b", base]
     cmd.append(top)
-    _run(cmd)
+    if progress is None:
+        _run(cmd, timeout)
+        return
+    p = _spawn(cmd, timeout, on_output=_progress_parser(progress), die_with_parent=True)
+    if p.returncode != 0:
+        raise QemuImgError(cmd, p.returncode, p.stderr or p.stdout)
+
+
+_PROGRESS = re.compile(r"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def _progress_parser(progress: Callable[[float], None]) -> Callable[[str], None]:
+    """qemu-img -p writes `    (12.34/100%)` lines separated by \\r."""
+    def on_output(chunk: str) -> None:
+        for match in _PROGRESS.finditer(chunk):
+            progress(float(match.group(1)))
+    return on_output
 
 
 def rebase(path: str, backing: str, backing_fmt: str = "qcow2", unsafe: bool = False) -> None:

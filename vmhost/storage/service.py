@@ -31,11 +31,15 @@ from vmhost.storage.image import Image
 from vmhost.storage.metadata import (MAX_DESCRIPTION, MAX_DISKTYPE, Legality, Prealloc,
                                      VolumeMetadata, check_text, parse_format, parse_prealloc)
 from vmhost.storage.monitor import DomainMonitor, DomainStatus
+from vmhost.storage.posixdomain import DOMAIN_TYPE as POSIXFS, PosixStorageDomain
 
 log = logging.getLogger(__name__)
 
 # VDSM's numeric domain types that map to what we support.
-_DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS}
+_DOMAIN_TYPES = {LOCALFS: LOCALFS, 4: LOCALFS, "4": LOCALFS,
+                 POSIXFS: POSIXFS, 6: POSIXFS, "6": POSIXFS}
+_DOMAIN_CLASSES: dict[str, type[FileStorageDomain]] = {LOCALFS: FileStorageDomain,
+                                                       POSIXFS: PosixStorageDomain}
 
 MAX_VOLUME_SIZE = 1 << 50     # 1 PiB: far beyond any disk, far below qemu-img's limits
 
@@ -60,13 +64,18 @@ class StorageService:
     def __init__(self, state_dir: str, monitor_interval: float = 5.0,
                  monitor_timeout: float = 10.0,
                  volume_in_use: VolumeInUse = lambda sd, img, vol: False,
-                 op_timeout: float = 30.0, workers: int = 4, queue_size: int = 16):
+                 op_timeout: float = 30.0, workers: int = 4, queue_size: int = 16,
+                 sanlock_host_id: int = 0, sanlock_io_timeout: int = 10):
         self._registry_path = os.path.join(state_dir, "domains.json")
         self._interval = monitor_interval
         self._timeout = monitor_timeout
         self._op_timeout = op_timeout
         self._workers, self._queue_size = workers, queue_size
         self.volume_in_use = volume_in_use
+        # The storage job holding an image (vmhost.storage.coldmerge), if any.
+        self.image_job: Callable[[str, str], str | None] = lambda sd, img: None
+        self._host_id = sanlock_host_id          # in shared domains' lockspaces; 0 = none
+        self._io_timeout = sanlock_io_timeout
         self._lock = threading.Lock()
         # image -> [lock, users]: an entry lives only while someone uses it.
         self._image_locks: dict[tuple[str, str], list] = {}
@@ -76,7 +85,7 @@ class StorageService:
         self._executors_lock = threading.Lock()
         self._listeners: list[DomainListener] = []
         for manifest in self._load_registry():
-            self._domains[manifest.uuid] = FileStorageDomain(manifest)
+            self._domains[manifest.uuid] = _DOMAIN_CLASSES[manifest.type](manifest)
 
     # --- life cycle ----------------------------------------------------
 
@@ -84,6 +93,8 @@ class StorageService:
         """Start monitoring every registered domain; returns at once."""
         for sd in list(self._domains):
             self._start_monitor(sd)
+        for dom in self._shared_domains():
+            self._join_quietly(dom)
 
     def stop(self) -> None:
         for mon in self._monitors.values():
@@ -117,14 +128,21 @@ class StorageService:
                     on_drained=lambda: self._drained(sd_uuid))
             return ex
 
-    def _run(self, sd_uuid: str, what: str, fn: Callable[[], T]) -> T:
+    def run_on_domain(self, sd_uuid: str, what: str, fn: Callable[[], T],
+                      timeout: float | None = None) -> T:
+        """fn() on the domain's executor, for storage jobs (a cold merge's
+        phases); `timeout` replaces the storage deadline for a long phase."""
+        return self._run(sd_uuid, what, fn, timeout)
+
+    def _run(self, sd_uuid: str, what: str, fn: Callable[[], T],
+             timeout: float | None = None) -> T:
         """fn() on the domain's executor within the storage deadline. Past it:
         StorageDomainUnavailable naming the domain, and the domain INVALID
         until the hung operations return and a probe succeeds."""
         self.domain(sd_uuid)     # validates the id; 358 for an unknown domain
         ex = self._executor(sd_uuid)
         try:
-            return ex.run(what, fn, self._op_timeout)
+            return ex.run(what, fn, self._op_timeout if timeout is None else timeout)
         except executor.Timeout as e:
             reason = (f"storage domain {sd_uuid} did not answer: {e}; it is INVALID until "
                       "the operation returns")
@@ -178,6 +196,11 @@ class StorageService:
         check_uuid(img_uuid, "imageID")
         return Image(self.domain(sd_uuid), img_uuid)
 
+    def _refuse_if_held(self, sd_uuid: str, img_uuid: str) -> None:
+        job = self.image_job(sd_uuid, img_uuid)
+        if job is not None:
+            raise errors.VolumeIsBusy(f"image {img_uuid} is held by storage job {job}")
+
     @contextlib.contextmanager
     def _image_lock(self, sd_uuid: str, img_uuid: str) -> Iterator[None]:
         """The image's lock, waited for no longer than the operation's deadline
@@ -213,20 +236,157 @@ class StorageService:
         with self._lock:
             if sd_uuid in self._domains:
                 raise errors.StorageDomainAlreadyExists(sd_uuid)
-            dom = self._create_on_storage(sd_uuid, type_args, name)
+            if kind == POSIXFS:
+                self._check_host_id()
+            dom = self._create_on_storage(sd_uuid, kind, type_args, name)
             self._domains[sd_uuid] = dom
             self._save_registry()
         self._start_monitor(sd_uuid)
+        if isinstance(dom, PosixStorageDomain):
+            self._join_quietly(dom)    # asynchronous anyway: repo stats tell when acquired
         return self.domain_info(sd_uuid)
 
-    def _create_on_storage(self, sd_uuid: str, type_args: str, name: str) -> StorageDomain:
+    def _create_on_storage(self, sd_uuid: str, kind: str, type_args: str,
+                           name: str) -> StorageDomain:
+        def create() -> StorageDomain:
+            if kind == POSIXFS:
+                return PosixStorageDomain.create(type_args, sd_uuid, name,
+                                                 io_timeout=self._io_timeout)
+            return FileStorageDomain.create(type_args, sd_uuid, name)
         try:
-            return self._executor(sd_uuid).run(
-                f"create domain at {type_args}",
-                lambda: FileStorageDomain.create(type_args, sd_uuid, name), self._op_timeout)
+            return self._executor(sd_uuid).run(f"create domain at {type_args}", create,
+                                               self._op_timeout)
         except (executor.Timeout, executor.Exhausted) as e:
             raise errors.StorageDomainCreationError(
                 f"{type_args} does not answer: {e}") from None
+
+    # --- shared domains (posixfs): sanlock lockspaces -------------------------
+
+    def connect_domain(self, sd_uuid: str, domain_type: str | int, type_args: str) -> dict:
+        """Register a posixfs domain another host created and join its lockspace.
+        Idempotent: connecting a connected domain only makes sure it is joined."""
+        check_uuid(sd_uuid, "storagedomainID")
+        if _DOMAIN_TYPES.get(domain_type) != POSIXFS:
+            raise errors.InvalidParameter(f"domainType {domain_type!r} cannot be connected: "
+                                          "only posixfs (6) domains are shared")
+        self._check_host_id()
+        found = PosixStorageDomain.open_existing(type_args, sd_uuid)   # reads storage: no lock
+        with self._lock:
+            dom = self._domains.get(sd_uuid)
+            if dom is not None and dom.manifest.path != found.manifest.path:
+                raise errors.StorageDomainAlreadyExists(
+                    f"{sd_uuid} is connected from {dom.manifest.path}, not {type_args}")
+            new = dom is None
+            if new:
+                dom = self._domains[sd_uuid] = found
+                self._save_registry()
+        if new:
+            self._start_monitor(sd_uuid)
+        assert isinstance(dom, PosixStorageDomain)
+        dom.join(self._host_id, self._io_timeout)
+        return self.domain_info(sd_uuid)
+
+    def disconnect_domain(self, sd_uuid: str) -> None:
+        """Leave a shared domain's lockspace and forget the domain (its storage stays).
+        Refused while a VM of this host uses one of its volumes; sanlock itself refuses
+        while a lease in the lockspace is held."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain):
+            raise errors.InvalidParameter(f"domain {sd_uuid} is {dom.manifest.type}: only "
+                                          "posixfs domains are connected and disconnected")
+        for img in dom.images():
+            for vol in dom.volumes(img):
+                if self.volume_in_use(sd_uuid, img, vol):
+                    raise errors.StorageDomainDetachError(
+                        f"domain {sd_uuid}: volume {vol} is used by a VM of this host")
+        if self._host_id:
+            dom.leave(self._host_id)
+        with self._lock:
+            self._domains.pop(sd_uuid, None)
+            self._save_registry()
+            monitor = self._monitors.pop(sd_uuid, None)
+        if monitor:
+            monitor.stop()
+
+    # --- VM leases (in a shared domain's xleases) -----------------------------
+
+    def create_lease(self, sd_uuid: str, lease_id: str) -> dict:
+        """Idempotent: an existing lease is returned as it is."""
+        dom = self._joined_domain(sd_uuid)
+        return _lease_info(dom, lease_id, dom.create_lease(lease_id))
+
+    def lease_info(self, sd_uuid: str, lease_id: str) -> dict:
+        dom = self._joined_domain(sd_uuid)
+        offset = dom.find_lease(lease_id)
+        if offset is None:
+            raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
+        return _lease_info(dom, lease_id, offset)
+
+    def delete_lease(self, sd_uuid: str, lease_id: str) -> None:
+        if not self._joined_domain(sd_uuid).delete_lease(lease_id):
+            raise errors.NoSuchLease(f"lease {lease_id} on domain {sd_uuid}")
+
+    @contextlib.contextmanager
+    def _sole_writer(self, sd_uuid: str, img_uuid: str):
+        """One writer per image on a shared domain: the host running the image's VM (its
+        QEMU holds the image lease), or else the host holding the image lease meanwhile;
+        refused (651) while the VM runs on another host."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain) or any(
+                self.volume_in_use(sd_uuid, img_uuid, vol) for vol in dom.volumes(img_uuid)):
+            yield
+            return
+        self._joined_domain(sd_uuid)
+        with dom.image_lease(img_uuid, self._host_id):
+            yield
+
+    def check_lease_free(self, sd_uuid: str, lease_id: str, offset: int) -> None:
+        """651 at once if another host (not known dead) holds the lease."""
+        self._joined_domain(sd_uuid).check_free(lease_id, offset, self._host_id)
+
+    def is_shared(self, sd_uuid: str) -> bool:
+        """Whether VMs with disks on the domain need a lease (posixfs)."""
+        return isinstance(self.domain(sd_uuid), PosixStorageDomain)
+
+    def _joined_domain(self, sd_uuid: str) -> PosixStorageDomain:
+        """A shared domain whose lockspace this host holds (sanlock's index needs it)."""
+        dom = self.domain(sd_uuid)
+        if not isinstance(dom, PosixStorageDomain):
+            raise errors.InvalidParameter(f"domain {sd_uuid} is {dom.manifest.type}: VM leases "
+                                          "live on posixfs domains")
+        if not self._lockspace_acquired(dom):
+            raise errors.AcquireHostIdFailure(f"this host has not joined domain {sd_uuid} "
+                                              "yet (Host.getStorageRepoStats: acquired)")
+        return dom
+
+    def _check_host_id(self) -> None:
+        if not self._host_id:
+            raise errors.AcquireHostIdFailure(
+                "this host has no sanlock host id: start it with `vmhost serve --host-id N`")
+
+    def _shared_domains(self) -> list[PosixStorageDomain]:
+        return [d for d in list(self._domains.values()) if isinstance(d, PosixStorageDomain)]
+
+    def _join_quietly(self, dom: PosixStorageDomain) -> None:
+        """Join without failing the caller: the next repo stats retry."""
+        if not self._host_id:
+            log.warning("domain %s is shared but this host has no --host-id", dom.uuid)
+            return
+        try:
+            dom.join(self._host_id, self._io_timeout)
+        except errors.AcquireHostIdFailure as e:
+            log.warning("%s", e)
+
+    def _lockspace_acquired(self, dom: StorageDomain) -> bool:
+        if not isinstance(dom, PosixStorageDomain):
+            return True          # a local domain has no lockspace
+        if not self._host_id:
+            return False
+        if dom.acquired(self._host_id):
+            return True
+        if not dom.joining(self._host_id):
+            self._join_quietly(dom)   # after a sanlock restart, or a failed join
+        return False
 
     @_on_domain
     def domain_info(self, sd_uuid: str) -> dict:
@@ -245,8 +405,11 @@ class StorageService:
     def repo_stats(self, domains: list[str] | None = None) -> dict:
         now = time.monotonic()
         wanted = domains if domains is not None else list(self._domains)
-        return {sd: self.domain_status(sd).to_api(now) for sd in wanted
-                if sd in self._domains}
+        stats = {sd: self.domain_status(sd).to_api(now) for sd in wanted
+                 if sd in self._domains}
+        for sd, entry in stats.items():
+            entry["acquired"] = self._lockspace_acquired(self._domains[sd])
+        return stats
 
     # --- volumes ----------------------------------------------------------------
 
@@ -280,7 +443,8 @@ class StorageService:
         if parent and src_img_uuid not in (BLANK_UUID, img_uuid):
             raise errors.InvalidParameter(
                 "srcImgUUID must be imageID: a parent in another image is not supported")
-        with self._image_lock(sd_uuid, img_uuid):
+        self._refuse_if_held(sd_uuid, img_uuid)
+        with self._image_lock(sd_uuid, img_uuid), self._sole_writer(sd_uuid, img_uuid):
             md = image.create_volume(vol_uuid, size, fmt, prealloc, disk_type, desc, parent)
         return self._volume_dict(image, md)
 
@@ -295,9 +459,11 @@ class StorageService:
         delete it got no answer for), see Image.delete_volume."""
         image = self._image(sd_uuid, img_uuid)
         check_uuid(vol_uuid, "volumeID")
+        self._refuse_if_held(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
-            image.delete_volume(vol_uuid,
-                                lambda vol: self.volume_in_use(sd_uuid, img_uuid, vol))
+            with self._sole_writer(sd_uuid, img_uuid):
+                image.delete_volume(vol_uuid,
+                                    lambda vol: self.volume_in_use(sd_uuid, img_uuid, vol))
 
     @_on_domain
     def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
@@ -308,6 +474,7 @@ class StorageService:
                       allow_illegal: bool = False) -> PreparedImage:
         """The chain a VM will run on, base first; refuses ILLEGAL volumes."""
         image = self._image(sd_uuid, img_uuid)
+        self._refuse_if_held(sd_uuid, img_uuid)
         chain = image.chain(check_uuid(leaf_uuid, "volumeID"))
         bad = [md.volume for md in chain if md.legality is not Legality.LEGAL]
         if bad and not allow_illegal:
@@ -346,23 +513,32 @@ class StorageService:
         then the metadata is synced to that chain. Returns it, base first."""
         image = self._image(sd_uuid, img_uuid)
         check_uuid(leaf_uuid, "leafVolID")
+        self._refuse_if_held(sd_uuid, img_uuid)
         with self._image_lock(sd_uuid, img_uuid):
             image.volume(leaf_uuid)
             if self.volume_in_use(sd_uuid, img_uuid, leaf_uuid):
                 raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM; "
                                           "use VM.synchronizeDisks")
-            infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
-                                  backing_chain=True)
-            chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
-            for vol in chain:
-                if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
-                    raise errors.ImageFileNotFound(
-                        f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
-            # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
-            while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
-                chain.pop()
-            case = image.sync_chain(leaf_uuid, chain)
-        log.info("image %s reconciled from %s: %s (%s)", img_uuid, leaf_uuid, chain, case)
+            with self._sole_writer(sd_uuid, img_uuid):
+                chain = self._reconcile_locked(image, leaf_uuid)
+        log.info("image %s reconciled from %s: %s", img_uuid, leaf_uuid, chain)
+        return chain
+
+    @staticmethod
+    def _reconcile_locked(image: Image, leaf_uuid: str) -> list[str]:
+        img_uuid = image.uuid
+        infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
+                              backing_chain=True)
+        chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
+        for vol in chain:
+            if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
+                raise errors.ImageFileNotFound(
+                    f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
+        # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
+        while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
+            chain.pop()
+        case = image.sync_chain(leaf_uuid, chain)
+        log.info("image %s: metadata synced to %s (%s)", img_uuid, chain, case)
         return chain
 
     @_on_domain
@@ -400,3 +576,8 @@ class StorageService:
             "generation": md.generation, "status": "OK",
             "path": image.domain.volume_path(md.image, md.volume),
         }
+
+
+def _lease_info(dom: PosixStorageDomain, lease_id: str, offset: int) -> dict:
+    """VDSM's LeaseInfo: what a domain XML <lease> needs."""
+    return {"sd_id": dom.uuid, "lease_id": lease_id, "path": dom.xleases_path, "offset": offset}

@@ -47,16 +47,33 @@ class DiskSpec:
     format: str                # qemu format of the leaf
 
 
+@dataclasses.dataclass(frozen=True)
+class LeaseSpec:
+    """A sanlock resource QEMU holds while it runs (libvirt's sanlock lock driver)."""
+    lockspace: str             # the storage domain UUID
+    key: str                   # the lease id (the VM's UUID)
+    path: str                  # the domain's xleases
+    offset: int
+
+
 # Drives on file storage use QEMU's thread pool, not Linux native AIO (as VDSM
 # does for file domains): io='native' makes each QEMU reserve 1024 events of
-# the host-wide fs.aio-max-nr (65536 by default), so a host could start only
-# ~64 VMs; and an O_DIRECT write that allocates in a sparse file can block in
-# io_submit, stalling QEMU's loop (bench/drive_config.py compares the modes).
+# the host-wide fs.aio-max-nr (65536 by default: ~64 VMs per host unless the
+# host raises it, as scripts/setup-host.sh does); and an O_DIRECT write that
+# allocates in a sparse file can block in io_submit, stalling QEMU's loop.
+# bench/drive_config.py compares the modes on the same disk.
 DRIVE_CACHE, DRIVE_IO = "none", "threads"
 
 
 def build(uuid: str, name: str, mem_mib: int, virt_type: str, disks: list[DiskSpec],
-          metadata_xml: str) -> str:
+          metadata_xml: str, leases: tuple[LeaseSpec, ...] = ()) -> str:
+    lease_xml = "".join(
+        f"""
+    <lease>
+      <lockspace>{escape(lease.lockspace)}</lockspace>
+      <key>{escape(lease.key)}</key>
+      <target path={quoteattr(lease.path)} offset='{int(lease.offset)}'/>
+    </lease>""" for lease in leases)
     disk_xml = "".join(
         f"""
     <disk type='file' device='disk'>
@@ -72,7 +89,7 @@ def build(uuid: str, name: str, mem_mib: int, virt_type: str, disks: list[DiskSp
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
   <on_poweroff>destroy</on_poweroff>
   <on_crash>destroy</on_crash>
-  <devices>{disk_xml}
+  <devices>{lease_xml}{disk_xml}
     <controller type='usb' model='none'/>
     <memballoon model='none'/>
   </devices>

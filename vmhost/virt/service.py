@@ -108,8 +108,9 @@ class VmService:
         try:
             # Storage first, outside the VM lock (a hung domain fails by its deadline).
             self._prepare_drives(definition, vm_params["devices"], allow_illegal)
+            leases = self._leases(definition, vm_params["devices"])
             with vm.lock:
-                self._start(vm)
+                self._start(vm, leases)
         except BaseException:
             with self._lock:
                 self._vms.pop(vm_id, None)
@@ -142,15 +143,40 @@ class VmService:
             definition.drives.append(Drive(name=name, domain=d["domainID"], image=d["imageID"],
                                            chain=list(prepared.chain), format=prepared.format))
 
-    def _start(self, vm: Vm) -> None:
+    def _leases(self, definition: VmDefinition, devices: list[dict]) -> tuple[domxml.LeaseSpec, ...]:
+        """The VM's leases: its lease devices (VDSM's {"device": "lease", "sd_id", "lease_id"},
+        created beforehand with Lease.create), or else, when a disk is on a shared domain,
+        a lease keyed by the VM's UUID on the first such domain; and the lease of each
+        image on a shared domain (created if missing)."""
+        wanted = []
+        for i, d in enumerate(x for x in devices if x.get("device") == "lease"):
+            wanted.append((check_uuid(d.get("sd_id"), f"vmParams lease device {i}: sd_id"),
+                           check_uuid(d.get("lease_id"), f"vmParams lease device {i}: lease_id"),
+                           self._storage.lease_info))
+        shared = [dr for dr in definition.drives if self._storage.is_shared(dr.domain)]
+        if not wanted and shared:
+            wanted.append((shared[0].domain, definition.vm_id, self._storage.create_lease))
+        # And each image's lease: no other host changes the image while the VM runs.
+        wanted += [(dr.domain, dr.image, self._storage.create_lease) for dr in shared]
+        infos = [lookup(sd, lease_id) for sd, lease_id, lookup in wanted]
+        for info in infos:     # fail fast rather than wait in libvirt for a dead host's expiry
+            self._storage.check_lease_free(info["sd_id"], info["lease_id"], info["offset"])
+        return tuple(domxml.LeaseSpec(i["sd_id"], i["lease_id"], i["path"], i["offset"])
+                     for i in infos)
+
+    def _start(self, vm: Vm, leases: tuple[domxml.LeaseSpec, ...] = ()) -> None:
         d = vm.definition
         xml = domxml.build(
             d.vm_id, d.name, d.mem_mib, self.virt_type,
             [domxml.DiskSpec(dr.name, dr.path, dr.format) for dr in d.drives],
-            domxml.metadata_element(d.to_json()))
+            domxml.metadata_element(d.to_json()), leases)
         try:
             dom = self._conn().createXML(xml, 0)
         except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY and leases:
+                # libvirt's sanlock driver: the VM runs (or its lease is held) elsewhere.
+                raise errors.AcquireLockFailure(
+                    f"VM {d.vm_id}: its lease is held by another host: {e}") from None
             if "already exists" in str(e):
                 raise errors.VMExists(f"libvirt refused VM {d.vm_id}: {e}") from None
             raise errors.GeneralError(f"libvirt could not start VM {d.vm_id}: {e}") from None
@@ -199,6 +225,13 @@ class VmService:
                 # event may already have been handled.
                 vm.status, vm.pause_code = status_from_state(*dom.state())
             except libvirt.libvirtError as e:
+                if op == "resume" and e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY:
+                    # libvirt gave the VM's lease up at the pause; another host took it
+                    # (and may run the VM): this QEMU must stay paused.
+                    vm.status, vm.pause_code = status_from_state(*dom.state())
+                    raise errors.AcquireLockFailure(
+                        f"VM {vm_id} stays paused: its lease is held by another host: {e}") \
+                        from None
                 raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
             if vm.status == UP:
                 vm.eio_aliases.clear()

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, storage_hidden, wait_for
 from scenario import build, check_converged, check_no_leak, merge, record
-from vmhost.virt import guestio
+from vmhost.testing import guestio
 
 MiB = 1 << 20
 pytestmark = pytest.mark.faults   # run by `make faults`, not `make test`
