@@ -19,6 +19,9 @@ writes nothing to the image.
 A VM paused for a pivot holds no lease (libvirt's sanlock driver releases it on
 pause): at those points host2 is not asked while host1's QEMU lives, and it
 starts the VM right after the power cut, without waiting for lease expiry.
+Known gap (measured, not asserted here): in that window host2's
+Image.reconcileVolumeChain is accepted (it gets the image lease), and its
+VM.create is stopped only by QEMU's own image locking (error 100, not 651).
 """
 from __future__ import annotations
 
