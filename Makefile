@@ -43,7 +43,7 @@ faults: setup
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 
 # Benchmarks (recovery at scale, merge throughput, completion latency, API):
-# about 15 minutes; writes reports/bench.md and reports/*.png. Not a test.
+# about 25 minutes (200 VMs three times: recovery, API, storm); writes reports/bench.md and reports/*.png. Not a test.
 bench: setup
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
 	$(PY) bench/run_all.py

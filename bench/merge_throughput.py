@@ -204,7 +204,7 @@ def markdown(summary: dict, reps: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-mib", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=default_out_dir())
     args = p.parse_args()
     size = args.size_mib * MiB

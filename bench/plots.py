@@ -83,7 +83,7 @@ def api_scale(points: list[dict], path: str) -> str:
     ax.legend(fontsize=8)
     ax2.plot(n, [p["memory_mib"]["VmRSS"] for p in points], "o-", label="RSS")
     ax2.plot(n, [p["memory_mib"]["VmHWM"] for p in points], "s--", label="peak RSS")
-    ax2.axhline(80, color="C3", linestyle="--", linewidth=1, label="target 80 MiB")
+    ax2.axhline(100, color="C3", linestyle="--", linewidth=1, label="target 100 MiB")
     ax2.set_xlabel("VMs")
     ax2.set_ylabel("MiB")
     ax2.set_title("Agent memory against N")
@@ -142,4 +142,94 @@ def completion_cdf(modes: dict, poll_interval, path: str) -> str:
     ax.set_title(f"Completion latency, job poll interval {poll_interval} s")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)
+
+
+def storm(d: dict, path: str) -> str:
+    """Per-job completion latency (CDF) for each agent configuration, and
+    the API p50/p99 idle against during the storm."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
+    for i, (name, c) in enumerate(d["configs"].items()):
+        lat = sorted(j["latency_s"] * 1000 for r in d["reps"] for j in r[name]["jobs"])
+        if lat:
+            ax.step(lat, [(k + 1) / len(lat) for k in range(len(lat))], where="post",
+                    color=f"C{i}", label=f"agent {name} ({c['mb_s']:.0f} MB/s, "
+                                         f"{c['ratio']:.2f}x offline)")
+    ax.axvline(500, color="C3", linestyle="--", linewidth=1, label="target p99 500 ms")
+    ax.set_xlabel("ms from libvirt's COMPLETED / READY to the agent's DONE")
+    ax.set_ylabel("fraction of jobs")
+    ax.set_title(f"{d['count']} merges at once: completion latency")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    labels, idle, busy = [], [], []
+    for name, c in d["configs"].items():
+        for verb in ("Host.getAllVmStats", "VM.getStats"):
+            for q in ("p50", "p99"):
+                labels.append(f"{verb.split('.')[1]} {q}\n{name}")
+                idle.append(c["idle"][verb][q] * 1000)
+                busy.append(c["storm"][verb][q] * 1000)
+    x = range(len(labels))
+    ax2.bar([i - 0.2 for i in x], idle, 0.4, label="idle agent", color="C7")
+    ax2.bar([i + 0.2 for i in x], busy, 0.4, label="during the storm", color="C1")
+    ax2.axhline(20, color="C3", linestyle="--", linewidth=1, label="target getAllVmStats p99")
+    ax2.set_xticks(list(x))
+    ax2.set_xticklabels(labels, fontsize=6.5, rotation=35, ha="right")
+    ax2.set_ylabel("ms")
+    ax2.set_title(f"API latency, {d['count'] + d['fleet']} VMs")
+    ax2.grid(axis="y", alpha=0.3)
+    ax2.legend(fontsize=7.5)
+    return _save(fig, path)
+
+
+def snapshot_freeze(d: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drives = list(d["drives"])
+    for i, side in enumerate(("agent", "floor")):
+        for j, n in enumerate(drives):
+            times = [t * 1000 for t in d["drives"][n][side]["times"]]
+            x = j * 3 + i
+            ax.boxplot(times, positions=[x], widths=0.7, patch_artist=True,
+                       boxprops={"facecolor": f"C{i}", "alpha": 0.6})
+    ax.set_xticks([j * 3 + i for j in range(len(drives)) for i in range(2)])
+    ax.set_xticklabels([f"{'VM.snapshot' if i == 0 else 'libvirt floor'}\n{n} drive(s)"
+                        for n in drives for i in range(2)], fontsize=8)
+    ax.set_ylabel("ms per call")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Snapshot: VM.snapshot against snapshotCreateXML")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def drive_config(d: dict, path: str) -> str:
+    names = [n for n, c in d["configs"].items() if "error" not in c]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.27
+    for k, (key, label) in enumerate((("write", "guest write"), ("internal", "live internal"),
+                                      ("active", "live active"))):
+        ax.bar([i + (k - 1) * width for i in range(len(names))],
+               [d["configs"][n][key] for n in names], width, label=label, color=f"C{k}")
+    ax.axhline(d["offline"], color="C3", linestyle="--", linewidth=1,
+               label=f"offline qemu-img commit ({d['offline']:.0f})")
+    ax.axhline(d["dd_copy"], color="C7", linestyle=":", linewidth=1,
+               label=f"dd copy ({d['dd_copy']:.0f})")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"cache/io {n}" for n in names])
+    ax.set_ylabel("MB/s (median)")
+    ax.set_title("Drive configuration: guest writes and live commits")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    return _save(fig, path)
+
+
+def pivots(d: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, (mode, r) in enumerate(d["modes"].items()):
+        times = sorted(t * 1000 for t in r["times"])
+        ax.plot(range(1, len(times) + 1), times, "o-", color=f"C{i}", label=mode)
+    ax.set_xlabel("pivot, in order of completion")
+    ax.set_ylabel("ms from the call to the live XML showing it")
+    ax.set_title(f"{d['count']} pivots at once")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _save(fig, path)

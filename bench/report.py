@@ -10,7 +10,8 @@ import time
 import plots
 from common import ROOT, default_out_dir, fmt_ms, main_guard, md_table, verdict
 
-SECTIONS = ["recovery", "merge_throughput", "completion", "api", "scale", "transport"]
+SECTIONS = ["recovery", "merge_throughput", "completion", "api", "scale", "transport", "storm",
+            "snapshot_freeze", "drive_config", "pivots"]
 
 
 def load_all(out_dir: str) -> dict[str, dict]:
@@ -33,13 +34,20 @@ def image_link(path: str, reports: str) -> str:
 def recovery_targets(d: dict) -> list[list[str]]:
     rows = []
     for s in d["sizes"]:
-        rows.append([f"recovery: ready <= 2 x libvirt floor + 1 s, N = {s['n']}",
+        rows.append([f"recovery: ready <= 1.5 x libvirt floor + 300 ms, N = {s['n']}, "
+                     f"{s['k']} jobs",
                      f"{fmt_ms(s['ready_s'], 0)} ms vs {fmt_ms(s['target_s'], 0)} ms",
                      verdict(s["ready_ok"]),
                      "" if s["ready_ok"] else
                      f"start-up outside recovery: {fmt_ms(s['ready_s'] - s['agent_recovery_s'], 0)}"
                      f" ms; the recovery step itself {fmt_ms(s['agent_recovery_s'], 0)} ms "
-                     "(see section 1)"])
+                     f"against a floor of {fmt_ms(s['floor_s'], 0)} ms (see section 1)"])
+    top = d["sizes"][-1]
+    if "rss_mib" in top:
+        ok = top["rss_mib"] <= 100
+        rows.append([f"agent RSS <= 100 MiB at N = {top['n']}",
+                     f"{top['rss_mib']:.1f} MiB (peak {top['hwm_mib']:.1f})", verdict(ok),
+                     "" if ok else "see sections 1 and 5 (RSS per VM)"])
     calls = sum(s["storage_opens"]["no_job_vms"] for s in d["sizes"])
     ok = all(s["no_job_ok"] for s in d["sizes"])
     rows.append(["recovery: 0 storage calls for VMs without jobs (every N)",
@@ -55,6 +63,7 @@ def merge_targets(d: dict) -> list[list[str]]:
     dd_lo, dd_hi = cases["dd write"].get("spread", (None, None))
     for case in ("live internal merge", "live active merge"):
         c = cases[case]
+        goal = 0.95 if "active" in case else 0.9
         why = ""
         if not c["ok"]:
             qemu_rate = d["size"] / 1e6 / c["qemu_seconds"]
@@ -65,10 +74,9 @@ def merge_targets(d: dict) -> list[list[str]]:
                    f"MB/s offline. Paired ratios range {lo:.2f}x - {hi:.2f}x")
             if dd_lo:
                 why += f" while raw dd writes ranged {dd_lo:.0f} - {dd_hi:.0f} MB/s in this run"
-            why += (": the gap is in QEMU's copy on a noisy shared disk, not in the agent. To "
-                    "close or confirm it: repeat on a quiet disk; if it stays, compare the "
-                    "drive's io='native' with io='threads' (qemu-img uses threads) live")
-        rows.append([f"merge: {case} >= 0.9 x offline qemu-img commit",
+            why += (": the gap is in QEMU's copy, not in the agent; section 9 compares the "
+                    "drive configurations on the same disk in the same run")
+        rows.append([f"merge: {case} >= {goal} x offline qemu-img commit",
                      f"{c['mb_s']:.0f} vs {offline['mb_s']:.0f} MB/s (median paired ratio "
                      f"{c['vs_offline']:.2f}x)", verdict(c["ok"]), why])
     return rows
@@ -110,17 +118,65 @@ def api_targets(d: dict) -> list[list[str]]:
         [f"API: Host.getAllVmStats p50 <= 10 ms with {top['n']} VMs",
          f"{fmt_ms(top['getAllVmStats']['p50'], 2)} ms (p99 "
          f"{fmt_ms(top['getAllVmStats']['p99'], 2)} ms)", verdict(d["stats_ok"]), stats_why],
-        [f"API: agent RSS <= 80 MiB with {top['n']} VMs",
+        [f"API: agent RSS <= 100 MiB with {top['n']} VMs",
          f"{top['memory_mib']['VmRSS']:.1f} MiB (peak {top['memory_mib']['VmHWM']:.1f})",
          verdict(d["rss_ok"]), rss_why],
     ]
+
+
+def storm_targets(d: dict) -> list[list[str]]:
+    c = d["configs"].get("defaults") or next(iter(d["configs"].values()))
+    n, fleet = d["count"], d["fleet"]
+    others = {k: v for k, v in d["configs"].items() if v is not c}
+    alt = "; ".join(f"{k}: {v['ratio']:.2f}x, p99 {fmt_ms(v['latency']['p99'], 0)} ms"
+                    for k, v in others.items())
+    stats = c["storm"]["Host.getAllVmStats"]
+    return [
+        [f"{n} merges at once: aggregate >= 0.9 x {n} offline commits at once",
+         f"{c['mb_s']:.0f} vs {d['offline_mb_s']:.0f} MB/s ({c['ratio']:.2f}x)",
+         verdict(c["rate_ok"]), alt],
+        [f"{n} merges at once: completion latency p99 <= 500 ms",
+         f"p50 {fmt_ms(c['latency']['p50'], 0)} ms, p99 {fmt_ms(c['latency']['p99'], 0)} ms",
+         verdict(c["latency_ok"]), "active merges include the pivot (READY -> DONE)"],
+        [f"getAllVmStats p99 <= 20 ms during {n} merges, {n + fleet} VMs",
+         f"{fmt_ms(stats['p99'], 2)} ms (idle {fmt_ms(c['idle']['Host.getAllVmStats']['p99'], 2)}"
+         " ms)", verdict(c["stats_ok"]), "" if n + fleet >= 200 else
+         f"measured with {n + fleet} VMs, not 200"],
+    ]
+
+
+def snapshot_targets(d: dict) -> list[list[str]]:
+    r = d["drives"].get("4") or d["drives"].get(4)
+    if r is None:
+        return [["VM.snapshot, 4 drives: p50 <= 1.3 x snapshotCreateXML", "not measured",
+                 "TODO", ""]]
+    ok = r["ratio"] <= 1.3
+    return [["VM.snapshot, 4 drives: p50 <= 1.3 x libvirt's snapshotCreateXML",
+             f"{fmt_ms(r['agent']['p50'])} vs {fmt_ms(r['floor']['p50'])} ms "
+             f"({r['ratio']:.2f}x)", verdict(ok),
+             f"agent overhead {fmt_ms(r['overhead_p50_s'])} ms at p50; guest suspensions "
+             f"{r['agent']['suspensions']}"]]
+
+
+def drive_targets(d: dict) -> list[list[str]]:
+    rows = []
+    for name, c in d["configs"].items():
+        if "error" in c:
+            continue
+        ok = all(x >= 0.95 for x in c["active_ratios"])
+        rows.append([f"live active commit >= 0.95 x offline in each run, drive {name}",
+                     " / ".join(f"{x:.3f}" for x in c["active_ratios"]) + "x", verdict(ok),
+                     "the configuration domxml builds" if name == d.get("agent_config")
+                     else ""])
+    return rows
 
 
 def targets_table(results: dict) -> str:
     rows = []
     makers = {"recovery": recovery_targets, "merge_throughput": merge_targets,
               "completion": completion_targets, "api": api_targets,
-              "transport": transport_targets}
+              "transport": transport_targets, "storm": storm_targets,
+              "snapshot_freeze": snapshot_targets, "drive_config": drive_targets}
     for name, make in makers.items():
         if name in results:
             rows += make(results[name]["data"])
@@ -161,7 +217,12 @@ def header(results: dict, run: dict | None) -> str:
               "An idle SeaBIOS VM without a bootable disk keeps a third to half a core busy on "
               "this host, which with 50 VMs saturates the two cores. VMs are created through "
               "the agent (VM.create) on a local file domain under /var/tmp (ext4, drives with "
-              "cache='none').", ""]
+              "cache='none'). The VMs that only need to exist (recovery's VMs without a job, "
+              "the API and transport fleets, the storm's idle fleet) are paused with VM.pause "
+              "right after VM.create, before SeaBIOS has used much CPU: that is how 200 VMs fit "
+              "this 2-core host (VM.create has no start-paused flag). VMs with jobs, merges or "
+              "snapshots run, halted in the boot sector. Section 9 uses plain libvirt domains "
+              "started with VIR_DOMAIN_START_PAUSED (no agent).", ""]
     return "\n".join(lines)
 
 
@@ -180,6 +241,18 @@ def write_report(out_dir: str, reports: str, run: dict | None) -> str:
         if name == "merge_throughput":
             parts += [image_link(plots.merge_throughput(
                 data["cases"], os.path.join(reports, "merge_throughput.png")), reports), ""]
+        elif name == "storm":
+            parts += [image_link(plots.storm(
+                data, os.path.join(reports, "storm.png")), reports), ""]
+        elif name == "snapshot_freeze":
+            parts += [image_link(plots.snapshot_freeze(
+                data, os.path.join(reports, "snapshot_freeze.png")), reports), ""]
+        elif name == "drive_config":
+            parts += [image_link(plots.drive_config(
+                data, os.path.join(reports, "drive_config.png")), reports), ""]
+        elif name == "pivots":
+            parts += [image_link(plots.pivots(
+                data, os.path.join(reports, "pivots.png")), reports), ""]
         elif name == "completion":
             parts += [image_link(plots.completion_cdf(
                 data["modes"], data["poll_interval"],

@@ -20,8 +20,22 @@ from common import (BENCH_BASE, LIBVIRT_URI, ROOT, foreign_vmhost_domains, libvi
                     log, main_guard)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["recovery.py", "merge_throughput.py", "completion.py", "api.py", "scale.py",
-           "transport.py"]
+# `--smoke`: every script small and short (minutes in all), to check the
+# pipeline; its numbers are not the report's.
+SMOKE = {
+    "recovery.py": ["--sizes", "6,12", "--jobs", "3", "--reps", "1"],
+    "merge_throughput.py": ["--size-mib", "64", "--reps", "1"],
+    "drive_config.py": ["--size-mib", "64", "--reps", "1"],
+    "completion.py": ["--merges", "4", "--blocks", "1"],
+    "api.py": ["--sizes", "3,6", "--calls", "50", "--rate-seconds", "1"],
+    "storm.py": ["--vms", "4", "--size-mib", "32", "--fleet", "2", "--reps", "1",
+                 "--idle-seconds", "1"],
+    "pivots.py": ["--vms", "4", "--size-mib", "16"],
+    "snapshot_freeze.py": ["--reps", "3"],
+    "transport.py": ["--vms", "2", "--calls", "100"],
+}
+SCRIPTS = ["recovery.py", "merge_throughput.py", "drive_config.py", "completion.py", "api.py",
+           "storm.py", "pivots.py", "snapshot_freeze.py", "scale.py", "transport.py"]
 
 
 def foreign_count() -> int | str:
@@ -53,6 +67,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reports", default=os.path.join(ROOT, "reports"))
     p.add_argument("--only", help="comma-separated scripts to run (default: all)")
+    p.add_argument("--smoke", action="store_true",
+                   help="every script small and short: checks the pipeline, not a report")
     args = p.parse_args()
     out_dir = os.path.join(BENCH_BASE, "last-run")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -62,6 +78,8 @@ def main() -> int:
     started = time.monotonic()
     for script in scripts:
         extra = ["--reports", args.reports] if script == "scale.py" else []
+        if args.smoke:
+            extra += SMOKE.get(script, [])
         run["scripts"].append(run_script(script, out_dir, extra))
     run["seconds"] = time.monotonic() - started
     run_path = os.path.join(out_dir, "run.json")

@@ -98,7 +98,7 @@ def findings(recovery: dict | None, rfits: dict | None, api: dict | None,
 
 
 def markdown(rfits: dict | None, afits: dict | None, notes: list[str], images: list[str],
-             reports: str) -> str:
+             reports: str, rec_sizes: str = "?", api_sizes: str = "?") -> str:
     rows = []
     label = {"ready_s": "recovery: agent ready", "agent_recovery_s":
              "recovery: the agent's own recovery step", "jobs_done_s":
@@ -116,8 +116,8 @@ def markdown(rfits: dict | None, afits: dict | None, notes: list[str], images: l
         rows.append(fit_row("Host.getAllVmStats p50", afits["stats_p50_s"], "ms", 1000, 2))
         rows.append(fit_row("agent RSS", afits["rss_mib"], "MiB", 1, 2))
     table = md_table(["quantity", "at N = 0 (intercept)", "per VM (slope)", "R^2"], rows)
-    method = ("Least-squares lines through the medians of sections 1 (N = 10, 25, 50 running "
-              "VMs) and 4 (N = 0, 10, 25, 50). R^2 is undefined for a constant series and shown "
+    method = (f"Least-squares lines through the medians of sections 1 (N = {rec_sizes} running "
+              f"VMs) and 4 (N = {api_sizes}). R^2 is undefined for a constant series and shown "
               "as 1.")
     pics = "\n\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, reports)})"
                        for p in images)
@@ -145,7 +145,9 @@ def main() -> int:
     notes = findings(recovery, rfits, api, afits)
     save_result(args.out, "scale", {"recovery_fits": rfits, "api_fits": afits, "images": images,
                                     "findings": notes},
-                markdown(rfits, afits, notes, images, args.reports))
+                markdown(rfits, afits, notes, images, args.reports,
+                         ", ".join(str(s["n"]) for s in (recovery or {}).get("sizes", [])),
+                         ", ".join(str(p["n"]) for p in (api or {}).get("points", []))))
     return 0
 
 

@@ -56,6 +56,15 @@ class LeaseSpec:
     offset: int
 
 
+# Drives on file storage use QEMU's thread pool, not Linux native AIO (as VDSM
+# does for file domains): io='native' makes each QEMU reserve 1024 events of
+# the host-wide fs.aio-max-nr (65536 by default: ~64 VMs per host unless the
+# host raises it, as scripts/setup-host.sh does); and an O_DIRECT write that
+# allocates in a sparse file can block in io_submit, stalling QEMU's loop.
+# bench/drive_config.py compares the modes on the same disk.
+DRIVE_CACHE, DRIVE_IO = "none", "threads"
+
+
 def build(uuid: str, name: str, mem_mib: int, virt_type: str, disks: list[DiskSpec],
           metadata_xml: str, leases: tuple[LeaseSpec, ...] = ()) -> str:
     lease_xml = "".join(
@@ -68,7 +77,7 @@ def build(uuid: str, name: str, mem_mib: int, virt_type: str, disks: list[DiskSp
     disk_xml = "".join(
         f"""
     <disk type='file' device='disk'>
-      <driver name='qemu' type={quoteattr(d.format)} cache='none' io='native' error_policy='stop'/>
+      <driver name='qemu' type={quoteattr(d.format)} cache='{DRIVE_CACHE}' io='{DRIVE_IO}' error_policy='stop'/>
       <source file={quoteattr(d.path)}/>
       <target dev={quoteattr(d.target)} bus='virtio'/>
     </disk>""" for d in disks)

@@ -423,9 +423,10 @@ class VmService:
         """Rebuild VMs from libvirt alone; returns how many were recovered."""
         conn = self._conn()
         found: dict[str, tuple[Vm, libvirt.virDomain]] = {}
+        states = _all_states(conn)
         for dom in conn.listAllDomains(0):
             try:
-                vm = self._recover_one(conn, dom)
+                vm = self._recover_one(conn, dom, states.get(dom.UUIDString()))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # went away while we listed
@@ -472,7 +473,8 @@ class VmService:
         log.error("domain %s: cannot be recovered, left alone: %s", uuid, reason)
         self._publish({"event": "vm_recovery_error", "vmId": uuid, "error": reason})
 
-    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> Vm | None:
+    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+                     state: tuple[int, int] | None = None) -> Vm | None:
         xml = dom.XMLDesc(0)
         payload = domxml.read_metadata(xml)
         if payload is None:
@@ -489,7 +491,7 @@ class VmService:
             log.warning("domain %s belongs to agent %s, not to us (%s): ignored",
                         dom.UUIDString(), definition.host_id, self.host_id)
             return None
-        vm = Vm(definition, *status_from_state(*dom.state()))
+        vm = Vm(definition, *status_from_state(*(state or dom.state())))
         bad = _bad_job_records(definition.jobs)
         if bad:
             # Reported on the VM and kept as they are (a newer agent may read
@@ -567,6 +569,18 @@ _STOP_REASONS = {
     libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
     libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU failed",
 }
+
+
+def _all_states(conn: libvirt.virConnect) -> dict[str, tuple[int, int]]:
+    """(state, reason) of every domain in one libvirt call: recovery then
+    spends no call per VM on its state (one round trip per VM was a fifth of
+    the recovery step at 200 VMs). A domain missing here is asked on its own."""
+    try:
+        stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
+    except (libvirt.libvirtError, AttributeError):
+        return {}
+    return {dom.UUIDString(): (s["state.state"], s["state.reason"]) for dom, s in stats
+            if "state.state" in s and "state.reason" in s}
 
 
 def _uuid_of(dom: libvirt.virDomain) -> str:
