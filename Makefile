@@ -38,7 +38,7 @@ faults: setup
 	VMHOST_FAULT_ROUNDS=50 $(VENV)/bin/pytest -q -rf \
 	    tests/integration/test_crash_matrix.py tests/integration/test_merge_edges.py \
 	    tests/integration/test_merge_edges_chain.py tests/integration/test_hung_storage.py \
-	    tests/integration/test_cold_merge.py \
+	    tests/integration/test_cold_merge.py tests/integration/test_lab_merge_failover.py \
 	    tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 

@@ -36,7 +36,10 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
                         ("vm-gone", "VM gone mid-merge: its storage work as an image repair"),
                         ("snapshot-crash", "Agent killed inside VM.snapshot"),
                         ("delete-crash", "Agent killed inside Volume.delete"),
-                        ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point")):
+                        ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point"),
+                        ("fleet-failover", "Lab host powered off mid-merge, engine path on "
+                                           "another host (agent = create or reconcile+create; "
+                                           "seconds from power-off to the VM up)")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",

@@ -1,6 +1,7 @@
 """Helpers for tests on `vmhost lab` (several hosts on this machine)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -8,10 +9,17 @@ import sys
 import time
 import uuid
 
+import libvirt
 import pytest
 
 from conftest import ROOT, wait_for
-from vmhost.client import Client
+from vmhost.client import Client, RpcError
+from vmhost.ids import BLANK_UUID
+from vmhost.storage import qemu_img
+from vmhost.storage.metadata import VolumeMetadata
+from vmhost.virt import domxml
+
+MiB = 1 << 20
 
 
 def lab_cli(lab_dir: str, *args: str, timeout: float = 180) -> str:
@@ -65,3 +73,81 @@ def retry(attempt, timeout: float, what: str, interval: float = 1.0):
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
     return value
+
+
+def create_volume(c: Client, sd: str, img: str, parent: str | None = None) -> str:
+    vol = str(uuid.uuid4())
+    c.call("Volume.create", storagedomainID=sd, imageID=img, volumeID=vol, size=64 * MiB,
+           volFormat="COW", preallocate="SPARSE", diskType="DATA", desc="failover",
+           srcImgUUID=img if parent else BLANK_UUID, srcVolUUID=parent or BLANK_UUID)
+    return vol
+
+
+def read_metadata(img_dir: str, vol: str) -> VolumeMetadata:
+    with open(os.path.join(img_dir, vol + ".meta"), "rb") as f:
+        return VolumeMetadata.parse(f.read())
+
+
+def chain_views(c: Client, conn: libvirt.virConnect, vm: str, img_dir: str) -> list[list[str]]:
+    """host's getVMFullList, its live XML, qemu-img and the metadata, each base first."""
+    info = c.call("Host.getVMFullList", vmList=[vm])[0]
+    agent = [v["volumeID"] for v in info["devices"][0]["volumeChain"]]
+    live = [n.volume for n in domxml.live_disks(
+        conn.lookupByUUIDString(vm).XMLDesc(0))["vda"].chain]
+    qemu = [os.path.basename(i["filename"]) for i in reversed(
+        qemu_img.info(os.path.join(img_dir, agent[-1]), backing_chain=True))]
+    meta, vol = [], agent[-1]
+    while vol != BLANK_UUID:
+        meta.append(vol)
+        vol = read_metadata(img_dir, vol).parent
+    return [agent, live, qemu, meta[::-1]]
+
+
+def file_digests(directory: str, suffix: str = "") -> dict[str, tuple[str, int]]:
+    """name -> (sha256, mtime_ns) of the files in `directory` ending in `suffix`."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(suffix):
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                out[name] = (hashlib.sha256(f.read()).hexdigest(), os.stat(path).st_mtime_ns)
+    return out
+
+
+def engine_start(url: str, vm: str, params: dict, sd: str, img: str,
+                 timeout: float = 150) -> str:
+    """The engine's path to start a VM whose host died, on the host at `url`:
+    VM.create, retried while another host holds the VM lease (651, a refusal
+    that must change nothing); if the leaf is ILLEGAL (227), the offline
+    Image.reconcileVolumeChain and a create on the leaf it returns.
+    params["devices"][0]["volumeID"] is the leaf the engine knew; it is updated.
+    Returns "create" or "reconcile+create"."""
+    path = "create"
+    with Client(url, timeout=180) as c:
+        def started() -> bool:
+            nonlocal path
+            disk = params["devices"][0]
+            try:
+                c.call("VM.create", vmID=vm, vmParams=params)
+                return True
+            except RpcError as err:
+                if err.code == 227:
+                    try:
+                        chain = c.call("Image.reconcileVolumeChain", storagedomainID=sd,
+                                       imageID=img, leafVolID=disk["volumeID"])
+                    except RpcError as rerr:
+                        assert rerr.code == 651, rerr     # the image's lease lives on
+                        return False
+                    disk["volumeID"], path = chain[-1], "reconcile+create"
+                    return False
+                assert err.code == 651 and "held by another host" in err.message, err
+                assert c.call("Host.getVMList") == []      # a refusal changes nothing
+                return False
+        retry(started, timeout, f"{url} to start VM {vm}")
+    return path
+
+
+def boot_with_failpoint(lab_dir: str, name: str, point: str) -> None:
+    """Restart a lab host whose agent dies (SIGKILL) at failpoint `point`."""
+    lab_cli(lab_dir, "poweroff", name)
+    lab_cli(lab_dir, "boot", name, "--agent-env", f"VMHOST_FAILPOINT={point}")

@@ -103,9 +103,11 @@ def test_frozen_metadata_fails_its_calls_by_deadline_and_spares_everything_else(
         assert_fast(h.normal, "VM.destroy", vmID=vm_other)
         # The probe of the domain's own metadata succeeds all along, yet the
         # domain stays INVALID while operations are parked in it.
-        since = float(assert_fast(h.frozen, "Host.getStorageRepoStats")[h.frozen.sd]["lastCheck"])
-        wait_for(lambda: float(h.frozen.call("Host.getStorageRepoStats")[h.frozen.sd]
-                               ["lastCheck"]) < since, 10, "a probe during the freeze")
+        def last_probe() -> float:     # when the last probe ran (lastCheck is its age)
+            age = float(h.frozen.call("Host.getStorageRepoStats")[h.frozen.sd]["lastCheck"])
+            return time.monotonic() - age
+        seen = last_probe()
+        wait_for(lambda: last_probe() > seen + 0.2, 10, "a probe during the freeze")
         assert not h.valid(h.frozen)
 
     # Released: the parked operations return, a probe succeeds, VALID again.

@@ -16,40 +16,10 @@ import libvirt
 import pytest
 
 from conftest import VM_PREFIX, wait_for
-from labutil import (lab_cli, lab_dir, lab_up, retry,  # noqa: F401 - lab_dir: fixture
-                     shared_domain)
-from vmhost.client import Client, RpcError
-from vmhost.ids import BLANK_UUID
-from vmhost.storage import qemu_img
-from vmhost.storage.metadata import VolumeMetadata
+from labutil import (MiB, chain_views, create_volume, engine_start, lab_cli,  # noqa: F401
+                     lab_dir, lab_up, shared_domain)                # lab_dir: fixture
+from vmhost.client import Client
 from vmhost.testing import guestio
-from vmhost.virt import domxml
-
-MiB = 1 << 20
-
-
-def create_volume(c: Client, sd: str, img: str, parent: str | None = None) -> str:
-    vol = str(uuid.uuid4())
-    c.call("Volume.create", storagedomainID=sd, imageID=img, volumeID=vol, size=64 * MiB,
-           volFormat="COW", preallocate="SPARSE", diskType="DATA", desc="failover",
-           srcImgUUID=img if parent else BLANK_UUID, srcVolUUID=parent or BLANK_UUID)
-    return vol
-
-
-def chain_views(c: Client, conn: libvirt.virConnect, vm: str, img_dir: str) -> list[list[str]]:
-    """host's getVMFullList, its live XML, qemu-img and the metadata, each base first."""
-    info = c.call("Host.getVMFullList", vmList=[vm])[0]
-    agent = [v["volumeID"] for v in info["devices"][0]["volumeChain"]]
-    live = [n.volume for n in domxml.live_disks(
-        conn.lookupByUUIDString(vm).XMLDesc(0))["vda"].chain]
-    qemu = [os.path.basename(i["filename"]) for i in reversed(
-        qemu_img.info(os.path.join(img_dir, agent[-1]), backing_chain=True))]
-    meta, vol = [], agent[-1]
-    while vol != BLANK_UUID:
-        meta.append(vol)
-        with open(os.path.join(img_dir, vol + ".meta"), "rb") as f:
-            vol = VolumeMetadata.parse(f.read()).parent
-    return [agent, live, qemu, meta[::-1]]
 
 
 def test_vm_restarts_on_another_host_once_the_dead_hosts_lease_expires(lab_dir, workdir):
@@ -76,16 +46,7 @@ def test_vm_restarts_on_another_host_once_the_dead_hosts_lease_expires(lab_dir, 
         cut = time.monotonic()
         params["devices"][0]["volumeID"] = top       # the chain the engine knew
         # Until the dead host's lease expires, host2 cannot start the VM: 651 at once.
-        with Client(hosts[1]["url"], timeout=180) as patient:
-            def started() -> bool:
-                try:
-                    patient.call("VM.create", vmID=vm, vmParams=params)
-                    return True
-                except RpcError as err:
-                    assert err.code == 651 and "held by another host" in err.message, err
-                    assert h2.call("Host.getVMList") == []      # a refusal changes nothing
-                    return False
-            retry(started, 150, "host2 to get the VM's lease")
+        assert engine_start(hosts[1]["url"], vm, params, sd, img) == "create"
         waited = time.monotonic() - cut
         assert 60 <= waited <= 100, f"restarted after {waited:.0f}s"
 

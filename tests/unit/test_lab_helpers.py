@@ -5,8 +5,11 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from vmhost.lab import procs
-from vmhost.lab.lab import LIBVIRT_CONF, _libvirt_config
+from vmhost.lab.cli import _env_pairs
+from vmhost.lab.lab import LIBVIRT_CONF, LabError, _libvirt_config
 
 
 def settings(path: str) -> list[tuple[str, str]]:
@@ -45,3 +48,11 @@ def test_pids_are_known_with_their_start_time():
     finally:
         child.kill()
         child.wait()
+
+
+def test_agent_env_pairs_are_parsed_and_checked():
+    assert _env_pairs(["VMHOST_FAILPOINT=merge.pivot.after", "A=x=y"]) == {
+        "VMHOST_FAILPOINT": "merge.pivot.after", "A": "x=y"}
+    for bad in ("NOVALUE", "=x", "1A=x"):
+        with pytest.raises(LabError, match="KEY=VALUE"):
+            _env_pairs([bad])

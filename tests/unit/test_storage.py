@@ -119,6 +119,41 @@ def test_prepare_refuses_illegal_unless_allowed(storage):
     assert len(storage.prepare_image(storage.sd, img, vols[1], allow_illegal=True).chain) == 2
 
 
+def _meta_files(storage, img) -> dict[str, bytes]:
+    d = os.path.join(storage.root, storage.sd, "images", img)
+    return {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d) if f.endswith(".meta")}
+
+
+def test_prepare_follows_qcow2_headers_not_stale_metadata(storage):
+    # An internal merge of mid into b finished on a host that died: the
+    # leaf's backing pointer names b, the metadata still says mid.
+    img, vols = make_chain(storage, 3)
+    b, mid, leaf = vols
+    dom = storage.domain(storage.sd)
+    qemu_img.rebase(dom.volume_path(img, leaf), b, unsafe=True)
+    before = _meta_files(storage, img)
+    prepared = storage.prepare_image(storage.sd, img, leaf)
+    assert [r.volume for r in prepared.chain] == [b, leaf]
+    assert _meta_files(storage, img) == before    # no lease yet: nothing written
+    # ILLEGAL is judged on the chain QEMU will run, not on the metadata's.
+    dom.write_metadata(dom.read_metadata(img, mid).replace(legality=Legality.ILLEGAL))
+    assert len(storage.prepare_image(storage.sd, img, leaf).chain) == 2
+    dom.write_metadata(dom.read_metadata(img, b).replace(legality=Legality.ILLEGAL))
+    with pytest.raises(errors.PrepareIllegalVolume, match=b):
+        storage.prepare_image(storage.sd, img, leaf)
+
+
+def test_prepare_refuses_a_qcow2_chain_through_a_volume_without_metadata(storage):
+    img, vols = make_chain(storage, 2)
+    dom = storage.domain(storage.sd)
+    stray = U()
+    qemu_img.create(os.path.join(os.path.dirname(dom.volume_path(img, vols[0])), stray),
+                    "qcow2", 16 * MiB)
+    qemu_img.rebase(dom.volume_path(img, vols[1]), stray, unsafe=True)
+    with pytest.raises(errors.ImageFileNotFound, match=stray):
+        storage.prepare_image(storage.sd, img, vols[1])
+
+
 def test_failed_allocation_leaves_no_volume(storage, monkeypatch):
     img, vol = U(), U()
 

@@ -26,7 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     sub.add_parser("poweroff", help="power cut: SIGKILL every process of a host at once"
                    ).add_argument("name")
-    sub.add_parser("boot", help="start a powered-off host again").add_argument("name")
+    boot = sub.add_parser("boot", help="start a powered-off host again")
+    boot.add_argument("name")
+    boot.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
+                      help="environment of the host's agent for this boot only "
+                           "(e.g. VMHOST_FAILPOINT=merge.pivot.after); repeatable")
     sub.add_parser("down", help="stop every host (the storage stays)")
     ex = sub.add_parser("exec", help="run a command inside a host, e.g. sanlock client status")
     ex.add_argument("name")
@@ -42,6 +46,16 @@ def _print_status(status: dict, as_json: bool) -> None:
     for h in status["hosts"]:
         print(f"{h['name']:8} id {h['hostId']:<4} {'up  ' if h['up'] else 'DOWN'} "
               f"{h['url']}  {h['libvirtUri']}")
+
+
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise LabError(f"--agent-env wants KEY=VALUE, got {pair!r}")
+        env[key] = value
+    return env
 
 
 def main(argv: list[str]) -> int:
@@ -60,7 +74,7 @@ def main(argv: list[str]) -> int:
             if not lab.poweroff(args.name):
                 print(f"{args.name} was already off")
         elif args.action == "boot":
-            if not lab.boot(args.name):
+            if not lab.boot(args.name, _env_pairs(args.agent_env)):
                 print(f"{args.name} was already running")
         elif args.action == "down":
             lab.down()

@@ -153,16 +153,17 @@ class Lab:
             self._wait_gone(h, 30)
             return True
 
-    def boot(self, name: str) -> bool:
+    def boot(self, name: str, agent_env: dict[str, str] | None = None) -> bool:
         """Start a host that is off (as after a reboot: empty /run, no VMs).
-        Returns False if it was running."""
+        `agent_env`: extra environment of its agent for this boot only (fault
+        tests: VMHOST_FAILPOINT). Returns False if it was running."""
         with self.locked():
             state = self._state()
             h = state.host(name)
             if self._running(h):
                 return False
             _ensure_bridge(state)
-            self._boot(state, h)
+            self._boot(state, h, agent_env or {})
             self.save(state)
             self._wait_agent(h)
             return True
@@ -248,8 +249,8 @@ class Lab:
         os.symlink(os.path.join(self.host_dir(h.name), "run"), tmp)
         os.rename(tmp, os.path.join(links, h.name))
 
-    def _boot(self, state: LabState, h: HostState) -> None:
-        spec_path = self._prepare_host(state, h)
+    def _boot(self, state: LabState, h: HostState, agent_env: dict[str, str] | None = None) -> None:
+        spec_path = self._prepare_host(state, h, agent_env or {})
         self._link_run(state, h)
         hd = self.host_dir(h.name)
         console = open(os.path.join(hd, "log", "console.log"), "ab")
@@ -277,7 +278,7 @@ class Lab:
         # its address hang until the neighbour entry expires (~30 s).
         subprocess.run(["ip", "neigh", "flush", "to", h.ip], stderr=subprocess.DEVNULL)
 
-    def _prepare_host(self, state: LabState, h: HostState) -> str:
+    def _prepare_host(self, state: LabState, h: HostState, agent_env: dict[str, str]) -> str:
         """The host's directories and configuration; its /run emptied as by a reboot."""
         hd = self.host_dir(h.name)
         run = os.path.join(hd, "run")
@@ -300,7 +301,7 @@ class Lab:
             log_dir=os.path.join(hd, "log"), sanlock_name=f"{h.name}-{state.labId}",
             agent_argv=[sys.executable, "-m", "vmhost.cli.main", "serve", "--config",
                         agent_config, "--host-id", str(h.hostId)],
-            env=_env())
+            env={**_env(), **agent_env})
         spec_path = os.path.join(hd, "host.json")
         spec.save(spec_path)
         return spec_path

@@ -475,7 +475,13 @@ class StorageService:
         """The chain a VM will run on, base first; refuses ILLEGAL volumes."""
         image = self._image(sd_uuid, img_uuid)
         self._refuse_if_held(sd_uuid, img_uuid)
-        chain = image.chain(check_uuid(leaf_uuid, "volumeID"))
+        leaf = check_uuid(leaf_uuid, "volumeID")
+        image.volume(leaf)
+        # The qcow2 headers, not the metadata, are what QEMU will run: an
+        # internal merge that finished on a host that died rewrote a backing
+        # pointer the metadata may not know yet. Nothing is written here (the
+        # VM's lease is not held yet); VM.synchronizeDisks fixes the metadata.
+        chain = [image.volume(vol) for vol in self._qcow2_chain(image, leaf)]
         bad = [md.volume for md in chain if md.legality is not Legality.LEGAL]
         if bad and not allow_illegal:
             raise errors.PrepareIllegalVolume(
@@ -527,6 +533,19 @@ class StorageService:
     @staticmethod
     def _reconcile_locked(image: Image, leaf_uuid: str) -> list[str]:
         img_uuid = image.uuid
+        chain = StorageService._qcow2_chain(image, leaf_uuid)
+        # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
+        while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
+            chain.pop()
+        case = image.sync_chain(leaf_uuid, chain)
+        log.info("image %s: metadata synced to %s (%s)", img_uuid, chain, case)
+        return chain
+
+    @staticmethod
+    def _qcow2_chain(image: Image, leaf_uuid: str) -> list[str]:
+        """The chain the qcow2 headers give, walked from `leaf_uuid`, base
+        first; every volume in it must have metadata in this image."""
+        img_uuid = image.uuid
         infos = qemu_img.info(image.domain.volume_path(img_uuid, leaf_uuid),
                               backing_chain=True)
         chain = [os.path.basename(i["filename"]) for i in reversed(infos)]
@@ -534,11 +553,6 @@ class StorageService:
             if not image.domain.has_volume(img_uuid, check_uuid(vol, "backing file")):
                 raise errors.ImageFileNotFound(
                     f"volume {vol} named in the qcow2 chain of {leaf_uuid} has no metadata")
-        # Volumes marked ILLEGAL above a pivot's base: QEMU left them.
-        while len(chain) > 1 and image.volume(chain[-1]).legality is Legality.ILLEGAL:
-            chain.pop()
-        case = image.sync_chain(leaf_uuid, chain)
-        log.info("image %s: metadata synced to %s (%s)", img_uuid, chain, case)
         return chain
 
     @_on_domain
