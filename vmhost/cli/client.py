@@ -345,8 +345,10 @@ class JobWatch:
                         event.get("event") == "vm" and event.get("vmId") == self._vm_id):
                     self.events += 1
                     self._changed.set()
-        except (TransportError, OSError, ValueError):
-            pass  # closed by close(), or the agent went away: polling goes on
+        except (TransportError, OSError, ValueError, AttributeError):
+            # Closed by close() (http.client raises AttributeError when its file is
+            # closed under a reading thread), or the agent went away: polling goes on.
+            pass
         # The stream ended: wake the waiter, whose next look finds out why.
         self._changed.set()
 
