@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 
 import libvirt
@@ -67,12 +66,7 @@ def shared_domain(hosts: list[dict], storage: str) -> str:
 def retry(attempt, timeout: float, what: str, interval: float = 1.0):
     """Call attempt() until it returns a truthy value, `interval` apart, as an engine
     retries a verb (each attempt may be costly: a VM.create starts a QEMU)."""
-    deadline = time.monotonic() + timeout
-    while not (value := attempt()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return value
+    return wait_for(attempt, timeout, what, interval=interval)
 
 
 def create_volume(c: Client, sd: str, img: str, parent: str | None = None) -> str:

@@ -12,6 +12,7 @@ import stomp
 
 from vmhost.cli import client as cli
 from vmhost.client import Client
+from vmhost.testing.waiting import wait_for
 
 REPLIES = "replies"
 
@@ -24,14 +25,14 @@ class Collector(stomp.ConnectionListener):
         self.frames.append(frame)
 
     def wait(self, condition, timeout: float = 30):
-        deadline = time.monotonic() + timeout
-        while True:
+        def found():
             for frame in list(self.frames):
                 body = json.loads(frame.body)
                 if condition(frame.headers["destination"], body):
                     return body
-            assert time.monotonic() < deadline, [f.body[:200] for f in self.frames]
-            time.sleep(0.02)
+            return None
+        return wait_for(found, timeout,
+                        f"a matching frame; got {[f.body[:200] for f in self.frames]}")
 
 
 def test_vdsm_verbs_and_vm_status_events_over_stomp(env):

@@ -18,6 +18,7 @@ from vmhost.api.jsonrpc import Dispatcher
 from vmhost.api.schema import load_schema
 from vmhost.api.server import ApiServer
 from vmhost.api.transport import stomp as stomp_module
+from vmhost.testing.waiting import wait_for
 
 JOB = "5b5b5b5b-5555-4555-8555-55555555abcd"
 SD = "22222222-2222-4222-8222-222222222222"
@@ -98,13 +99,6 @@ def test_events_reach_every_subscriber_in_vdsm_shape(server, bus):
 def stomp_subscribed(server, count: int) -> bool:
     with server.stomp._lock:
         return sum(c.subscribed("jms.queue.events") for c in server.stomp._connections) >= count
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_unsubscribed_clients_get_no_events(server, bus):

@@ -14,6 +14,7 @@ from stomphelpers import RawStomp, make_server, request
 from vmhost.api.transport import refusal
 from vmhost.client import Client
 from vmhost.events import EventBus
+from vmhost.testing.waiting import wait_for
 
 CAP = 8
 
@@ -23,13 +24,6 @@ def server():
     server = make_server(EventBus(), max_connections=CAP)
     yield server
     server.stop()
-
-
-def wait_for(condition, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -14,16 +14,9 @@ from vmhost.storage import executor, qemu_img
 from vmhost.storage.executor import DomainExecutor, Exhausted, Timeout
 from vmhost.storage.filedomain import FileStorageDomain
 from vmhost.storage.service import StorageService
+from vmhost.testing.waiting import wait_for
 
 MiB = 1 << 20
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def timed(fn, *args, **kwargs):

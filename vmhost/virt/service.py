@@ -6,6 +6,7 @@ or, later, a block job) are re-read from the live XML. No storage access.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Callable, Protocol
@@ -19,7 +20,7 @@ from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
-from vmhost.virt.merge import MergeConfig, Merger, Repairs
+from vmhost.virt.merge import MergeConfig, MergeJob, Merger, Repairs
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
 from vmhost.virt.vmdef import RESUME_BEHAVIORS, DefinitionError, Drive, VmDefinition
@@ -592,7 +593,6 @@ def _uuid_of(dom: libvirt.virDomain) -> str:
 
 def _foreign(payload: str, host_id: str) -> bool:
     """A definition we cannot parse but that names another agent is not ours."""
-    import json
     try:
         owner = json.loads(payload).get("hostId")
     except (ValueError, AttributeError):
@@ -601,7 +601,6 @@ def _foreign(payload: str, host_id: str) -> bool:
 
 
 def _bad_job_records(jobs: dict) -> dict[str, str]:
-    from vmhost.virt.merge import MergeJob
     bad = {}
     for job_id, rec in jobs.items():
         try:
