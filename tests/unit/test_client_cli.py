@@ -325,7 +325,26 @@ INTERNAL = [("commit", 0, 0), ("commit", 50, 200), ("commit", 200, 200), ("clean
 ACTIVE = [("commit", 10, 100), ("ready", 100, 100), ("pivot", 100, 100), ("cleanup", 100, 100)]
 
 
-class MergeAgent:
+class RecordingAgent:
+    """A fake agent whose verbs (`handlers()`) record every call they get."""
+    calls: list[tuple[str, dict]]
+
+    def handlers(self) -> dict:
+        raise NotImplementedError
+
+    def table(self):
+        def recorded(verb, handler):
+            def handle(params):
+                self.calls.append((verb, params))
+                return handler(params)
+            return handle
+        return {verb: recorded(verb, handler) for verb, handler in self.handlers().items()}
+
+    def verbs(self):
+        return [verb for verb, _ in self.calls]
+
+
+class MergeAgent(RecordingAgent):
     """A fake agent running one merge job: each VM.getStats shows the next
     step of `steps`, then the job ends as `ending` says (DONE, ABORTED, or
     FAILED: it stays in vmJobs with an error, as the real one does)."""
@@ -341,23 +360,15 @@ class MergeAgent:
         self.job: dict | None = None
         self.history: list[dict] = []
 
-    def table(self):
-        def recorded(verb, handler):
-            def handle(params):
-                self.calls.append((verb, params))
-                return handler(params)
-            return handle
-        return {verb: recorded(verb, handler) for verb, handler in {
+    def handlers(self):
+        return {
             "VM.merge": self._merge,
             "VM.getStats": self._stats,
             "Host.getJobHistory": lambda p: list(self.history),
             "Host.getVMFullList": self._full_list,
             "Volume.delete": lambda p: True,
             "VM.abortMerge": lambda p: {"jobUUID": p["jobUUID"], "state": "aborted"},
-        }.items()}
-
-    def verbs(self):
-        return [verb for verb, _ in self.calls]
+        }
 
     def _merge(self, p):
         self.job = {"id": p.get("jobUUID", JOB), "base": p["baseVolUUID"],
@@ -642,7 +653,7 @@ def test_snapshot_remove_usage_errors(capsys, merge_agent, argv_tail, message):
 
 # --- snapshot remove of an image no VM runs: a cold merge ---------------------------------
 
-class ColdAgent:
+class ColdAgent(RecordingAgent):
     """A fake agent for cold merges: volumes BASE <- MID <- LEAF (GEN 4 each);
     each Host.getJobs shows the next of `statuses` ((status, progress)); past
     them the job ends as `ending` says ("done", "failed", or "gone": the agent
@@ -656,23 +667,15 @@ class ColdAgent:
         self.calls: list[tuple[str, dict]] = []
         self.job: dict | None = None
 
-    def table(self):
-        def recorded(verb, handler):
-            def handle(params):
-                self.calls.append((verb, params))
-                return handler(params)
-            return handle
-        return {verb: recorded(verb, handler) for verb, handler in {
+    def handlers(self):
+        return {
             "SDM.merge": self._merge,
             "Host.getJobs": self._jobs,
             "Host.getVMFullList": lambda p: [],
             "Volume.getInfo": self._info,
             "StorageDomain.getVolumes": lambda p: sorted(self.parents),
             "Volume.delete": self._delete,
-        }.items()}
-
-    def verbs(self):
-        return [verb for verb, _ in self.calls]
+        }
 
     def _info(self, p):
         vol = p["volumeID"]
