@@ -253,10 +253,6 @@ class _Outside:
     what: str
 
 
-class StorageUnavailable(Exception):
-    pass
-
-
 class Merger:
     """Starts, drives, aborts and reports the merge jobs of every VM."""
 

@@ -57,8 +57,6 @@ class VmService:
                                          persist=lambda vm: vm.persist(self._conn()),
                                          busy=self.merger.busy_drives)
         self._scheduler = scheduler
-        # VMs whose recorded definition could not be loaded: reported, never adopted.
-        self.unrecoverable: dict[str, str] = {}
 
     # --- lookup -----------------------------------------------------------
 
@@ -469,8 +467,8 @@ class VmService:
         return {job_id for vm in self.vms() for job_id in vm.definition.jobs}
 
     def _unrecoverable(self, dom: libvirt.virDomain, reason: str) -> None:
+        """Reported (log, event), never adopted."""
         uuid = _uuid_of(dom)
-        self.unrecoverable[uuid] = reason
         log.error("domain %s: cannot be recovered, left alone: %s", uuid, reason)
         self._publish({"event": "vm_recovery_error", "vmId": uuid, "error": reason})
 
