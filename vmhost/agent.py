@@ -26,14 +26,18 @@ from vmhost.backoff import survived
 from vmhost.config import Config
 from vmhost.events import EventBus
 from vmhost.metrics import Metrics
-from vmhost.scheduler import DONE, Scheduler
+from vmhost.scheduler import Scheduler
 from vmhost.storage.coldmerge import ColdMerger
 from vmhost.storage.repairs import ImageRepairs
 from vmhost.storage.service import StorageService
 from vmhost.virt.connection import Connection
+from vmhost.virt.eio import EioResume
+from vmhost.virt.events import VmEvents
 from vmhost.virt.host import HostService, detect_virt_type
 from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.merge import MergeConfig
+from vmhost.virt.recovery import VmRecovery
+from vmhost.virt.registry import VmRegistry
 from vmhost.virt.service import VmService
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,11 @@ class Agent:
         self.agent_id = load_agent_id(config, set(self.storage.repo_stats()), adopt_identity)
         self.repairs = ImageRepairs(config.state_dir, self.storage, self.scheduler,
                                     publish=self.events.publish)
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        # The VMs: one registry that the service, recovery, the libvirt event
+        # handlers and the EIO resume policy share.
+        self.vm_registry = VmRegistry()
         self.vms = VmService(
             self.connection.get, self.storage, virt_type="qemu", scheduler=self.scheduler,
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,
@@ -84,7 +93,13 @@ class Agent:
             publish=self.events.publish, host_id=self.agent_id,
             history=JobHistory(os.path.join(config.state_dir, "job-history.json"),
                                config.job_history_size, config.job_history_ttl),
-            repairs=self.repairs)
+            repairs=self.repairs, registry=self.vm_registry)
+        self.recovery = VmRecovery(self.vm_registry, self.connection.get, self.vms.merger,
+                                   self.vms.disksync, publish=self.events.publish,
+                                   host_id=self.agent_id)
+        self.vm_events = VmEvents(self.vm_registry, publish=self.events.publish)
+        self.eio = EioResume(self.vm_registry, self.vms, self.storage, self.scheduler,
+                             ready=self._ready.is_set)
         self.cold_merges = ColdMerger(self.storage, self.scheduler, self.agent_id,
                                       commit_timeout=config.cold_merge_timeout,
                                       keep_seconds=config.storage_job_ttl)
@@ -92,8 +107,6 @@ class Agent:
                                 pending_work=self.scheduler.pending)
         self.metrics = Metrics(self.vms, self.scheduler, self.storage)
         self._wire()
-        self._ready = threading.Event()
-        self._stopping = threading.Event()
         services = types.SimpleNamespace(host=self.host, storage=self.storage, vms=self.vms,
                                          jobs=self.cold_merges)
         self.dispatcher = Dispatcher(load_schema(), build_table(services),
@@ -110,31 +123,20 @@ class Agent:
         self.cold_merges.vm_in_use = self.vms.volume_in_use
         self.storage.image_job = self.cold_merges.image_job
         self.storage.subscribe(self._on_domain_status)
-        self.connection.lifecycle_listeners.append(self.vms.on_lifecycle)
-        self.connection.io_error_listeners.append(self.vms.on_io_error)
+        self.connection.lifecycle_listeners.append(self.vm_events.on_lifecycle)
+        self.connection.io_error_listeners.append(self.vm_events.on_io_error)
         self.connection.lifecycle_listeners.append(
             lambda vm_uuid, event, detail: self.scheduler.notify(("vm", vm_uuid)))
         if self.config.block_job_events:
             self.connection.block_job_listeners.append(self.vms.merger.on_block_job_event)
-        self.connection.reconnect_listeners.append(self.vms.refresh_status)
+        self.connection.reconnect_listeners.append(self.recovery.refresh_status)
 
     def _on_domain_status(self, sd_uuid: str, valid: bool, reason: str) -> None:
         self.events.publish({"event": "domain", "domainID": sd_uuid,
                              "status": "VALID" if valid else "INVALID", "reason": reason})
         if valid:
             self.scheduler.notify(("domain", sd_uuid))
-            self._submit_resume_eio(sd_uuid)
-
-    def _submit_resume_eio(self, sd_uuid: str) -> None:
-        # Before recovery the VMs are not known yet; recovery submits it again.
-        if self.ready:
-            self.scheduler.submit(f"resume-eio/{sd_uuid}",
-                                  f"resume VMs paused by I/O errors on domain {sd_uuid}",
-                                  lambda: self._resume_eio(sd_uuid))
-
-    def _resume_eio(self, sd_uuid: str):
-        self.vms.resume_eio_paused(sd_uuid, lambda: self.storage.domain_valid(sd_uuid))
-        return DONE
+            self.eio.on_domain_valid(sd_uuid)
 
     @property
     def ready(self) -> bool:
@@ -166,9 +168,10 @@ class Agent:
                 conn = self.connection.get()
                 virt_type = detect_virt_type(conn)
                 self.vms.virt_type = self.host.virt_type = virt_type
-                count = self.vms.recover()
+                count = self.recovery.recover()
                 # Repairs whose VM is gone run now (when their domain is VALID).
-                self.repairs.resume(self.vms.owned_jobs(), {vm.id for vm in self.vms.vms()})
+                self.repairs.resume(self.recovery.owned_jobs(),
+                                    {vm.id for vm in self.vm_registry.all()})
                 break
             except Exception as e:
                 # libvirtd not up yet, or an unexpected error (the thread must not
@@ -184,9 +187,6 @@ class Agent:
             return
         self._ready.set()
         self.metrics.recovery_seconds.set(time.monotonic() - started)
-        # Domains that turned VALID while we recovered: their EIO pass is due now.
-        for sd_uuid in self.storage.repo_stats():
-            if self.storage.domain_valid(sd_uuid):
-                self._submit_resume_eio(sd_uuid)
+        self.eio.recovery_done()
         log.info("recovery done: %d VM(s), virt type %s, %.3fs", count, virt_type,
                  time.monotonic() - started)

@@ -21,7 +21,7 @@ def test_recovery_retries_after_an_unexpected_error(tmp_path, monkeypatch):
         if len(attempts) == 1:
             raise KeyError("a bug in recovery")
         return 0
-    monkeypatch.setattr(agent.vms, "recover", recover)
+    monkeypatch.setattr(agent.recovery, "recover", recover)
     before = thread_errors.get("recovery")
     thread = threading.Thread(target=agent._recover, daemon=True)
     thread.start()

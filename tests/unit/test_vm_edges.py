@@ -78,7 +78,7 @@ def svc():
         name="vda", domain=SD, image=IMG,
         chain=[VolumeRef(SD, IMG, v, dom._path(v)) for v in chain])]))
     vm.jobs_known = True
-    service._vms[vm.id] = vm
+    service.registry.add([vm])
     return service, vm, dom, storage, scheduler, log, chain
 
 

@@ -1,14 +1,13 @@
-"""The VM service: create, control, report, snapshot and recover VMs.
+"""The VM service, the facade the API calls: create, control, report and
+snapshot VMs, and hand merges and disk synchronization to their job modules.
 
-Recovery reads libvirt only: each domain carrying vmhost metadata is rebuilt
-from that metadata, and only drives with a pending chain change (a snapshot
-or, later, a block job) are re-read from the live XML. No storage access.
+Its VMs live in the registry (virt/registry.py), which it shares with
+recovery (virt/recovery.py), the libvirt event handlers (virt/events.py) and
+the EIO resume policy (virt/eio.py); those are wired by the agent.
 """
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from typing import Callable, Protocol
 
 import libvirt
@@ -20,10 +19,11 @@ from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
-from vmhost.virt.merge import MergeConfig, MergeJob, Merger, Repairs
+from vmhost.virt.merge import MergeConfig, Merger, Repairs
+from vmhost.virt.registry import VmRegistry
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
-from vmhost.virt.vmdef import RESUME_BEHAVIORS, DefinitionError, Drive, VmDefinition
+from vmhost.virt.vmdef import RESUME_BEHAVIORS, Drive, VmDefinition
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +39,19 @@ class VmService:
     def __init__(self, conn: Callable[[], libvirt.virConnect], storage: ImagePreparer,
                  virt_type: str, scheduler: Scheduler, merge_config: MergeConfig | None = None,
                  publish: Callable[[dict], None] = lambda event: None, host_id: str = "",
-                 history: JobHistory | None = None, repairs: Repairs | None = None):
+                 history: JobHistory | None = None, repairs: Repairs | None = None,
+                 registry: VmRegistry | None = None):
         self._conn = conn
         self.host_id = host_id
         self._storage = storage
         self.virt_type = virt_type
-        self._lock = threading.Lock()
-        self._vms: dict[str, Vm] = {}
-        self._publish = publish
-        self.merger = Merger(storage, scheduler, self.get,
+        self.registry = registry if registry is not None else VmRegistry()
+        self.merger = Merger(storage, scheduler, self.registry.get,
                              domain_of=lambda vm: vm.domain(self._conn()),
                              persist=lambda vm: vm.persist(self._conn()),
                              config=merge_config, publish=publish, history=history,
                              repairs=repairs)
-        self.disksync = DiskSynchronizer(storage, scheduler, self.get,
+        self.disksync = DiskSynchronizer(storage, scheduler, self.registry.get,
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
                                          persist=lambda vm: vm.persist(self._conn()),
                                          busy=self.merger.busy_drives)
@@ -61,18 +60,10 @@ class VmService:
     # --- lookup -----------------------------------------------------------
 
     def _vm(self, vm_id: str) -> Vm:
-        check_uuid(vm_id, "vmID")
-        try:
-            return self._vms[vm_id]
-        except KeyError:
-            raise errors.NoSuchVM(vm_id) from None
-
-    def get(self, vm_id: str) -> Vm | None:
-        return self._vms.get(vm_id)
+        return self.registry.find(vm_id)
 
     def vms(self) -> list[Vm]:
-        with self._lock:
-            return list(self._vms.values())
+        return self.registry.all()
 
     def volume_in_use(self, sd_uuid: str, img_uuid: str, vol_uuid: str) -> bool:
         """Whether a VM of this host may be using the volume. A drive whose
@@ -97,13 +88,9 @@ class VmService:
         check_uuid(vm_id, "vmID")
         definition = self._definition(vm_id, vm_params)
         allow_illegal = bool(vm_params.get("allowIllegal", False))
-        with self._lock:
-            if vm_id in self._vms:
-                raise errors.VMExists(vm_id)
-            # Reserve the id so a concurrent create of the same VM fails fast.
-            vm = Vm(definition, status="WaitForLaunch")
-            vm.jobs_known = True
-            self._vms[vm_id] = vm
+        vm = Vm(definition, status="WaitForLaunch")
+        vm.jobs_known = True
+        self.registry.reserve(vm)      # a concurrent create of the same VM fails fast
         try:
             # Storage first, outside the VM lock (a hung domain fails by its deadline).
             self._prepare_drives(definition, vm_params["devices"], allow_illegal)
@@ -111,8 +98,7 @@ class VmService:
             with vm.lock:
                 self._start(vm, leases)
         except BaseException:
-            with self._lock:
-                self._vms.pop(vm_id, None)
+            self.registry.remove(vm_id)
             raise
         return vm.full_info()
 
@@ -192,8 +178,7 @@ class VmService:
                     raise errors.GeneralError(f"destroy of VM {vm_id} failed: {e}") from None
             vm.status = DOWN
             self.merger.vm_gone(vm)
-            with self._lock:
-                self._vms.pop(vm_id, None)
+            self.registry.remove(vm_id)
         log.info("VM %s destroyed", vm_id)
 
     def pause(self, vm_id: str) -> None:
@@ -264,7 +249,7 @@ class VmService:
     def job_history(self) -> list[dict]:
         return self.merger.history.list()
 
-    # --- disk synchronization and I/O error recovery ---------------------------
+    # --- disk synchronization ---------------------------------------------------
 
     def synchronize_disks(self, vm_id: str) -> dict:
         vm = self._vm(vm_id)
@@ -274,30 +259,6 @@ class VmService:
         if vm.definition.jobs:
             self.merger.resume(vm, vm.domain(self._conn()))
         return result
-
-    def resume_eio_paused(self, sd_uuid: str, still_valid: Callable[[], bool] = lambda: True
-                          ) -> list[str]:
-        """A domain turned VALID: VMs paused by an I/O error on one of its
-        disks are resumed, left paused or killed, as their resumeBehavior says."""
-        acted = []
-        for vm in self.vms():
-            if vm.status != PAUSED or vm.pause_code != "EIO":
-                continue
-            if sd_uuid not in self._eio_domains(vm):
-                continue
-            if not still_valid():
-                break
-            behavior = vm.definition.resume_behavior
-            log.info("VM %s paused on I/O error; domain %s is VALID: %s", vm.id, sd_uuid,
-                     behavior)
-            if behavior == "auto_resume":
-                self.cont(vm.id)
-            elif behavior == "kill":
-                self.destroy(vm.id)
-            else:
-                continue
-            acted.append(vm.id)
-        return acted
 
     def list(self, full_status: bool = False, vm_list: list[str] | None = None,
              only_uuid: bool = False) -> list:
@@ -372,7 +333,7 @@ class VmService:
         return True
 
     def _resync_item(self, vm_id: str):
-        vm = self.get(vm_id)
+        vm = self.registry.get(vm_id)
         if vm is None or vm.status == DOWN:
             return DONE
         with vm.lock:
@@ -415,196 +376,3 @@ class VmService:
             raise errors.SnapshotFailed(
                 f"volume {sd['volumeID']} is not a child of {drive.volume}")
         return SnapshotTarget(drive.name, prepared.chain[-1].path, prepared.format)
-
-    # --- recovery -----------------------------------------------------------
-
-    def recover(self) -> int:
-        """Rebuild VMs from libvirt alone; returns how many were recovered."""
-        conn = self._conn()
-        found: dict[str, tuple[Vm, libvirt.virDomain]] = {}
-        states = _all_states(conn)
-        for dom in conn.listAllDomains(0):
-            try:
-                vm = self._recover_one(conn, dom, states.get(dom.UUIDString()))
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    continue  # went away while we listed
-                if e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR,
-                                          libvirt.VIR_ERR_INTERNAL_ERROR,
-                                          libvirt.VIR_ERR_NO_CONNECT,
-                                          libvirt.VIR_ERR_INVALID_CONN):
-                    raise   # libvirtd itself: recovery is retried as a whole
-                self._unrecoverable(dom, f"libvirt: {e}")
-                continue
-            except DefinitionError as e:
-                self._unrecoverable(dom, str(e))
-                continue
-            except Exception as e:   # one VM never stops the recovery of the others
-                log.exception("domain %s: recovery failed", _uuid_of(dom))
-                self._unrecoverable(dom, f"{type(e).__name__}: {e}")
-                continue
-            if vm is not None:
-                found[vm.id] = (vm, dom)
-        with self._lock:
-            self._vms.update({vm_id: vm for vm_id, (vm, _) in found.items()})
-        # Registered first: a resumed job's work item looks its VM up.
-        for vm, dom in found.values():
-            try:
-                if vm.definition.jobs:
-                    self.merger.resume(vm, dom)
-                self.disksync.resume(vm)
-            except Exception as e:
-                log.exception("VM %s: cannot resume its jobs", vm.id)
-                vm.recovery_error = f"cannot resume its jobs: {type(e).__name__}: {e}"
-                self._publish({"event": "vm_recovery_error", "vmId": vm.id,
-                               "error": vm.recovery_error})
-            vm.jobs_known = True
-        log.info("recovered %d VM(s)", len(found))
-        return len(found)
-
-    def owned_jobs(self) -> set[str]:
-        """Ids of the job records that recovered VMs carry (their jobs own their images)."""
-        return {job_id for vm in self.vms() for job_id in vm.definition.jobs}
-
-    def _unrecoverable(self, dom: libvirt.virDomain, reason: str) -> None:
-        """Reported (log, event), never adopted."""
-        uuid = _uuid_of(dom)
-        log.error("domain %s: cannot be recovered, left alone: %s", uuid, reason)
-        self._publish({"event": "vm_recovery_error", "vmId": uuid, "error": reason})
-
-    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
-                     state: tuple[int, int] | None = None) -> Vm | None:
-        xml = dom.XMLDesc(0)
-        payload = domxml.read_metadata(xml)
-        if payload is None:
-            return None  # not ours
-        try:
-            definition = VmDefinition.from_json(payload)
-        except DefinitionError as e:
-            if _foreign(payload, self.host_id):
-                return None
-            raise DefinitionError(f"its vmhost metadata is unreadable: {e}") from None
-        if definition.host_id and definition.host_id != self.host_id:
-            # Another agent instance runs it (one agent per libvirtd is the
-            # rule; this keeps two from driving the same VM's jobs).
-            log.warning("domain %s belongs to agent %s, not to us (%s): ignored",
-                        dom.UUIDString(), definition.host_id, self.host_id)
-            return None
-        vm = Vm(definition, *status_from_state(*(state or dom.state())))
-        bad = _bad_job_records(definition.jobs)
-        if bad:
-            # Reported on the VM and kept as they are (a newer agent may read
-            # them): the VM is adopted, so the engine can still see and stop it;
-            # their drives stay busy for new merges.
-            vm.bad_jobs.update(bad)
-            vm.recovery_error = "; ".join(f"job {k}: {v}" for k, v in bad.items())
-            log.error("VM %s: unreadable job record(s): %s", vm.id, vm.recovery_error)
-            self._publish({"event": "vm_recovery_error", "vmId": vm.id,
-                           "error": vm.recovery_error})
-        # Only drives with a tracked change are asked about: a snapshot that
-        # was switching leaves, or a block job.
-        stale = sorted(set(definition.pending_sync) | set(Merger.tracked_drives(vm)))
-        if stale:
-            changed = vm.apply_live_chain(domxml.live_disks(xml), stale)
-            if changed or definition.pending_sync:
-                definition.pending_sync = []
-                vm.persist(conn)
-            log.info("VM %s: re-read chains of %s from libvirt", vm.id, ", ".join(stale))
-        return vm
-
-    def refresh_status(self) -> None:
-        """Poll libvirt for every VM's state (after a reconnect events may be lost)."""
-        conn = self._conn()
-        for vm in self.vms():
-            try:
-                vm.status, vm.pause_code = status_from_state(*vm.domain(conn).state())
-            except libvirt.libvirtError as e:
-                if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    vm.status = DOWN
-                    vm.exit_message = "domain disappeared"
-
-    @staticmethod
-    def _eio_domains(vm: Vm) -> set[str]:
-        """Domains of the disks that reported the I/O error (all of the VM's
-        disks when unknown, e.g. for a VM recovered already paused)."""
-        drives = vm.definition.drives
-        if vm.eio_aliases:
-            names = {f"vd{chr(ord('a') + int(a[len('virtio-disk'):]))}"
-                     for a in vm.eio_aliases if a.startswith("virtio-disk") and
-                     a[len("virtio-disk"):].isdigit()}
-            drives = [d for d in drives if d.name in names] or drives
-        return {d.domain for d in drives}
-
-    def on_io_error(self, vm_uuid: str, dev_alias: str, reason: str) -> None:
-        """libvirt IO_ERROR_REASON (event thread): remember which disk failed."""
-        vm = self._vms.get(vm_uuid)
-        if vm is not None:
-            vm.eio_aliases.add(dev_alias)
-            log.warning("VM %s: I/O error on %s (%s)", vm_uuid, dev_alias, reason)
-
-    def on_lifecycle(self, vm_uuid: str, event: int, detail: int) -> None:
-        """libvirt lifecycle event (runs on the event thread: no libvirt calls)."""
-        vm = self._vms.get(vm_uuid)
-        if vm is None:
-            return
-        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
-            vm.status = DOWN
-            vm.exit_message = _STOP_REASONS.get(detail, "stopped")
-        elif event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED:
-            vm.status = PAUSED
-            if detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
-                vm.pause_code = "EIO"
-        elif event in (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_STARTED):
-            vm.status, vm.pause_code = UP, "NOERR"
-        else:
-            return
-        self._publish({"event": "vm", "vmId": vm.id, "status": vm.status,
-                       "pauseCode": vm.pause_code})
-
-
-_STOP_REASONS = {
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN: "shut down",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED: "destroyed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_EVENT_STOPPED_FAILED: "QEMU failed",
-}
-
-
-def _all_states(conn: libvirt.virConnect) -> dict[str, tuple[int, int]]:
-    """(state, reason) of every domain in one libvirt call: recovery then
-    spends no call per VM on its state (one round trip per VM was a fifth of
-    the recovery step at 200 VMs). A domain missing here is asked on its own."""
-    try:
-        stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE)
-    except (libvirt.libvirtError, AttributeError):
-        return {}
-    return {dom.UUIDString(): (s["state.state"], s["state.reason"]) for dom, s in stats
-            if "state.state" in s and "state.reason" in s}
-
-
-def _uuid_of(dom: libvirt.virDomain) -> str:
-    try:
-        return dom.UUIDString()
-    except libvirt.libvirtError:
-        return "?"
-
-
-def _foreign(payload: str, host_id: str) -> bool:
-    """A definition we cannot parse but that names another agent is not ours."""
-    try:
-        owner = json.loads(payload).get("hostId")
-    except (ValueError, AttributeError):
-        return False
-    return bool(owner) and owner != host_id
-
-
-def _bad_job_records(jobs: dict) -> dict[str, str]:
-    bad = {}
-    for job_id, rec in jobs.items():
-        try:
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-            MergeJob.from_record(dict(rec))
-        except (ValueError, TypeError, KeyError, errors.VmhostError) as e:
-            bad[job_id] = f"{type(e).__name__}: {e}"
-    return bad
