@@ -218,7 +218,7 @@ def state_counts(records: Iterable[dict]) -> dict[str, int]:
     """Jobs by the state their records show (for the metrics' gauges)."""
     counts: dict[str, int] = {}
     for rec in records:
-        state = rec.get("state")
+        state = rec.get("state") if isinstance(rec, dict) else None
         if isinstance(state, str):
             counts[state] = counts.get(state, 0) + 1
     return counts
