@@ -142,7 +142,7 @@ class FakeDomain:
 def test_domain_store_round_trip_and_unreadable_files(tmp_path):
     dom = FakeDomain(str(tmp_path))
     store = DomainJobStore(Toy)
-    assert store.load_all(dom) == []              # no jobs dir yet
+    assert store.readable(dom) == []              # no jobs dir yet
     a, b = Toy(U(), U()), Toy(U(), U(), phase=Phase.TWO)
     store.save(dom, a)
     store.save(dom, b)
@@ -150,9 +150,9 @@ def test_domain_store_round_trip_and_unreadable_files(tmp_path):
         f.write("{not json")
     with open(os.path.join(dom.jobs_dir(), "tmpXYZ.json"), "w") as f:
         f.write("{}")                              # not a job id: not a record
-    assert sorted(store.load_all(dom), key=lambda j: j.id) == sorted([a, b], key=lambda j: j.id)
+    assert sorted(store.readable(dom), key=lambda j: j.id) == sorted([a, b], key=lambda j: j.id)
     store.remove(dom, a.id)
-    assert store.load_all(dom) == [b]
+    assert store.readable(dom) == [b]
     with pytest.raises(errors.InvalidParameter):
         store.path(dom, "../escape")
 
@@ -224,4 +224,63 @@ def test_history_and_state_counts():
             raise OSError("disk full")
     record_history(Broken(), {"id": "x"})          # logged, never raised
     assert state_counts([{"state": "COMMIT"}, {"state": "COMMIT"}, {"state": "READY"},
-                         {"nostate": 1}]) == {"COMMIT": 2, "READY": 1}
+                         {"nostate": 1}, "junk"]) == {"COMMIT": 2, "READY": 1}
+
+
+def test_runner_chains_steps_runs_io_outside_and_rechecks():
+    from vmhost.jobs.runner import Outside, run_steps
+    from vmhost.scheduler import DONE, Retry, Wait
+    state = {"s": "A", "locked": False}
+    seen = []
+
+    def io():
+        assert not state["locked"], "I/O ran under the lock"
+        return 42
+
+    def decide():
+        state["locked"] = True
+        try:
+            before = state["s"]
+            if before == "A":
+                state["s"] = "B"                     # a transition: go on at once
+                return before, None
+            if before == "B":
+                return before, Outside(io, lambda r: seen.append(r) or state.update(s="C"),
+                                       expect="B", what="the I/O")
+            return before, None                      # C: nothing changes -> poll
+        finally:
+            state["locked"] = False
+
+    def reenter(work, result):
+        if state["s"] != work.expect:
+            return None
+        return work.then(result)
+    out = run_steps(decide, reenter, lambda: state["s"], "toy", poll=0.5, max_steps=10)
+    assert isinstance(out, Wait) and out == Wait(0.5) and seen == [42] and state["s"] == "C"
+
+    def failing():
+        raise OSError("EIO")
+    out = run_steps(lambda: ("X", Outside(failing, None, "X", "the write")), reenter,
+                    lambda: "X", "toy", poll=1, max_steps=3)
+    assert isinstance(out, Retry) and out.reason == "the write failed: EIO"
+    assert run_steps(lambda: ("X", DONE), reenter, lambda: "X", "toy", 1, 3) is DONE
+
+
+def test_the_kinds_keep_their_record_formats():
+    """Records already in libvirt metadata and on domains stay what they were."""
+    from vmhost.storage.coldmerge import ColdMergeJob
+    from vmhost.virt.merge import MergeJob
+    b, t = U(), U()
+    merge = MergeJob(id=U(), drive="vda", domain=U(), image=U(), leaf=t, base=b, top=t,
+                     chain=[b, t], bandwidth=0)
+    rec = merge.to_record()
+    assert "kind" not in rec and rec["version"] == 2 and rec["state"] == "STARTING"
+    assert set(rec) == {f.name for f in dataclasses.fields(MergeJob)} | {"version"}
+    cold = ColdMergeJob(id=U(), domain=U(), image=U(), base=b, top=t, child="", generation=3,
+                        top_capacity=1, host="h")
+    rec = cold.to_record()
+    assert (rec["version"], rec["kind"], rec["phase"]) == (1, "coldmerge", "PREPARE")
+    assert set(rec) == {f.name for f in dataclasses.fields(ColdMergeJob)} | {"version", "kind"}
+    assert ColdMergeJob.from_record(rec) == cold and cold.owner == "h"
+    with pytest.raises(ValueError, match="version"):
+        ColdMergeJob.from_record({k: v for k, v in rec.items() if k != "version"})

@@ -130,9 +130,7 @@ class HostJobs:
 
     def add(self, job_id: str, description: str, status: str = PENDING) -> None:
         with self._lock:
-            self._prune()
-            if job_id in self._jobs:
-                raise errors.JobExists(job_id)
+            self.check_new(job_id)
             self._jobs[job_id] = HostJob(job_id, description, status=status)
 
     def check_new(self, job_id: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING, Callable, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Protocol, TypeVar
 
 from vmhost import errors, failpoints
 from vmhost.fsutil import atomic_write, fsync_dir, unlink_durable
@@ -29,6 +29,13 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=Record)
 UNREADABLE = (ValueError, TypeError, KeyError, errors.VmhostError)
+
+
+class JobStore(Protocol[R]):
+    """What both stores offer; `where` is the VM or the storage domain."""
+    def save(self, where: Any, job: R) -> None: ...
+    def remove(self, where: Any, job_id: str) -> None: ...
+    def readable(self, where: Any) -> list[R]: ...
 
 
 class VmJobStore(Generic[R]):
@@ -107,7 +114,7 @@ class DomainJobStore(Generic[R]):
     def remove(self, dom: "StorageDomain", job_id: str) -> None:
         unlink_durable(self.path(dom, job_id))
 
-    def load_all(self, dom: "StorageDomain") -> list[R]:
+    def readable(self, dom: "StorageDomain") -> list[R]:
         """Readable records on the domain; unreadable ones are logged and
         left for an operator (they never stop the others)."""
         try:

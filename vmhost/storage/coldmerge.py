@@ -231,7 +231,7 @@ class ColdMerger:
             job_id = self._images.get((sd_uuid, img_uuid))
         if job_id is not None:
             return job_id
-        records = self._records.load_all(self._storage.domain(sd_uuid))
+        records = self._records.readable(self._storage.domain(sd_uuid))
         return next((job.id for job in records if job.image == img_uuid), None)
 
     def resume(self) -> None:
@@ -267,7 +267,7 @@ class ColdMerger:
         busy = [v for v in dom.volumes(img) if self.vm_in_use(sd, img, v)]
         if busy:
             raise errors.VolumeIsBusy(f"image {img} is used by a running VM (volume {busy[0]})")
-        for other in self._records.load_all(dom):
+        for other in self._records.readable(dom):
             if other.id == job_id:
                 raise errors.JobExists(f"{job_id} (a record on domain {sd})")
             if other.image == img:
@@ -294,7 +294,7 @@ class ColdMerger:
             return self._blocked(sd)
         try:
             found = self._storage.run_on_domain(sd, "list storage job records",
-                                                lambda: self._records.load_all(
+                                                lambda: self._records.readable(
                                                     self._storage.domain(sd)))
         except errors.StorageDomainDoesNotExist:
             return DONE

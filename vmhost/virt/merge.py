@@ -62,10 +62,11 @@ and its storage work is handed to an image repair (storage/repairs.py) that
 survives agent restarts and runs when the domain is VALID.
 
 Storage I/O never runs under the VM's lock: a step decides under the lock,
-returns an _Outside (the storage call and its continuation), the call runs
-without the lock, and the continuation re-checks the record under the lock
-before it persists anything. The scheduler runs one work item per job at a
-time, so the job's own steps never race each other.
+returns an _Outside (vmhost.jobs.runner.Outside: the storage call and its
+continuation), the runner (run_steps) makes the call without the lock, and
+the continuation re-checks the record under the lock before it persists
+anything. The scheduler runs one work item per job at a time, so the job's
+own steps never race each other.
 """
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.jobs.record import Record
 from vmhost.jobs.report import VmJobsReport, record_history
+from vmhost.jobs.runner import Outside as _Outside, run_steps
 from vmhost.jobs.store import UNREADABLE, VmJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.storage.repairs import ImageRepair
@@ -90,6 +92,7 @@ from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.vm import DOWN, Vm
 
 log = logging.getLogger(__name__)
+
 
 class State(str, enum.Enum):
     STARTING = "STARTING"
@@ -230,16 +233,6 @@ class MergeConfig:
     pivot_budget: float = 300.0     # seconds of failing pivots before the job is aborted
     pivot_timeout: float = 10.0     # seconds to wait for the live XML after a pivot
     final_entry_ttl: float = 30.0   # seconds a finished job stays visible once shown
-
-
-@dataclasses.dataclass
-class _Outside:
-    """Storage I/O a step needs, run without the VM lock; `then` runs under
-    the lock again, after checking the job is still in state `expect`."""
-    io: Callable[[], Any]
-    then: Callable[[Vm, DomainAdapter, "MergeJob", Any], "Outcome | _Outside | None"]
-    expect: State
-    what: str
 
 
 class Merger:
@@ -463,47 +456,43 @@ class Merger:
 
     def advance(self, vm_id: str, job_id: str) -> Outcome:
         """One run of the job's work item: drive the state machine as far as it goes now."""
-        for _ in range(2 * len(State) + 2):   # steps chain within one run
-            vm = self._vm_lookup(vm_id)
-            if vm is None:
-                return self._vm_gone(None, vm_id, job_id)
-            with vm.lock:
-                if job_id not in vm.definition.jobs:
-                    self._live.pop(job_id, None)
-                    return DONE
-                if vm.status == DOWN:
-                    return self._vm_gone(vm, vm_id, job_id)
-                job = self._job(vm, job_id)
-                before = job.state
-                step = getattr(self, f"_step_{job.state.value.lower()}", None)
-                if step is None:   # FAILED (an older agent's record): end it
-                    self._finish(vm, job, State.FAILED, job.error or "failed")
-                    return DONE
-                try:
-                    outcome = step(vm, self._domain_of(vm), job)
-                except libvirt.libvirtError as e:
-                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                        raise
-                    vm.status = DOWN   # QEMU went away under us: same as a stop event
-                    return self._vm_gone(vm, vm_id, job_id)
-            while isinstance(outcome, _Outside):
-                outcome = self._run_outside(vm_id, job_id, outcome)
-            if outcome is not None:
-                return outcome
-            if self._state_of(vm, job_id) is before:
-                return Wait(self.config.poll_interval)
-        return Wait(self.config.poll_interval)
+        return run_steps(lambda: self._decide(vm_id, job_id),
+                         lambda work, result: self._reenter(vm_id, job_id, work, result),
+                         lambda: self._state_of(vm_id, job_id), f"merge job {job_id}",
+                         self.config.poll_interval, 2 * len(State) + 2)
 
-    def _state_of(self, vm: Vm, job_id: str) -> State | None:
-        rec = vm.definition.jobs.get(job_id)
+    def _decide(self, vm_id: str, job_id: str) -> tuple[State | None, Outcome | _Outside | None]:
+        """One step under the VM lock: (the state it started from, its result)."""
+        vm = self._vm_lookup(vm_id)
+        if vm is None:
+            return None, self._vm_gone(None, vm_id, job_id)
+        with vm.lock:
+            if job_id not in vm.definition.jobs:
+                self._live.pop(job_id, None)
+                return None, DONE
+            if vm.status == DOWN:
+                return None, self._vm_gone(vm, vm_id, job_id)
+            job = self._job(vm, job_id)
+            step = getattr(self, f"_step_{job.state.value.lower()}", None)
+            if step is None:   # FAILED (an older agent's record): end it
+                self._finish(vm, job, State.FAILED, job.error or "failed")
+                return job.state, DONE
+            try:
+                return job.state, step(vm, self._domain_of(vm), job)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                vm.status = DOWN   # QEMU went away under us: same as a stop event
+                return job.state, self._vm_gone(vm, vm_id, job_id)
+
+    def _state_of(self, vm_id: str, job_id: str) -> State | None:
+        vm = self._vm_lookup(vm_id)
+        rec = vm.definition.jobs.get(job_id) if vm is not None else None
         return State(rec["state"]) if rec else None
 
-    def _run_outside(self, vm_id: str, job_id: str, work: _Outside) -> Outcome | _Outside | None:
-        try:
-            result = work.io()
-        except Exception as e:
-            log.warning("merge job %s: %s failed: %s", job_id, work.what, e)
-            return Retry(f"{work.what} failed: {e}")
+    def _reenter(self, vm_id: str, job_id: str, work: _Outside,
+                 result: Any) -> Outcome | _Outside | None:
+        """After a step's storage I/O: re-check under the VM lock, then go on."""
         vm = self._vm_lookup(vm_id)
         if vm is None:
             return self._vm_gone(None, vm_id, job_id)
