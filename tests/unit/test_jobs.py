@@ -264,6 +264,8 @@ def test_runner_chains_steps_runs_io_outside_and_rechecks():
                     lambda: "X", "toy", poll=1, max_steps=3)
     assert isinstance(out, Retry) and out.reason == "the write failed: EIO"
     assert run_steps(lambda: ("X", DONE), reenter, lambda: "X", "toy", 1, 3) is DONE
+    with pytest.raises(TypeError, match="outside a lock"):   # a kind without a lock
+        run_steps(lambda: ("X", Outside(io, None, "X", "io")), None, lambda: "X", "toy", 1, 3)
 
 
 def test_the_kinds_keep_their_record_formats():

@@ -29,16 +29,20 @@ class Outside:
 Step = Union[Outcome, Outside, None]
 
 
-def run_steps(decide: Callable[[], tuple[Any, Step]], reenter: Callable[[Outside, Any], Step],
+def run_steps(decide: Callable[[], tuple[Any, Step]],
+              reenter: Callable[[Outside, Any], Step] | None,
               state: Callable[[], Any], name: str, poll: float, max_steps: int) -> Outcome:
     """One run of a job's work item: `decide()` runs one step under the lock
     and returns (the state it started from, its result); each Outside's I/O
     runs here, without the lock, and `reenter(work, result)` re-checks under
-    the lock and goes on. Steps chain within the run until one returns an
-    outcome or the state stops changing (then: poll again in `poll` s)."""
+    the lock and goes on (a kind whose steps never leave a lock passes None).
+    Steps chain within the run until one returns an outcome or the state
+    stops changing (then: poll again in `poll` s)."""
     for _ in range(max_steps):
         before, outcome = decide()
         while isinstance(outcome, Outside):
+            if reenter is None:
+                raise TypeError(f"{name}: a step returned I/O to run outside a lock it has not")
             outcome = act_outside(outcome, reenter, name)
         if outcome is not None:
             return outcome

@@ -69,6 +69,7 @@ from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.jobs.record import Record
 from vmhost.jobs.report import ABORTED, DONE as DONE_, FAILED, RUNNING, HostJobs
+from vmhost.jobs.runner import run_steps
 from vmhost.jobs.store import DomainJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
 from vmhost.storage import executor, qemu_img
@@ -341,37 +342,43 @@ class ColdMerger:
             if job is None:
                 return DONE
             self._reports.running(job_id)
-        while True:
-            if not self._storage.domain_valid(job.domain):
-                return self._blocked(job.domain)
-            phase = job.phase
-            if self._abort_requested(job):
-                return self._aborted(job)
-            try:
-                finished = self._storage.run_on_domain(
-                    job.domain, f"cold merge {job.id}: {phase.value}",
-                    lambda: self._STEPS[phase](self, job),
-                    timeout=self._commit_timeout if phase is Phase.COMMIT else None)
-            except Fenced as e:
-                # The fencer owns the image now: our record must not hold it.
+        # No VM lock to leave: each phase runs whole on the domain's executor.
+        return run_steps(lambda: (job.phase, self._run_phase(job)), None, lambda: job.phase,
+                         f"cold merge {job_id}", poll=0.0, max_steps=len(Phase) + 1)
+
+    def _run_phase(self, job: ColdMergeJob) -> Outcome | None:
+        """One phase; None when the job went on to its next phase."""
+        if not self._storage.domain_valid(job.domain):
+            return self._blocked(job.domain)
+        phase = job.phase
+        if self._abort_requested(job):
+            return self._aborted(job)
+        try:
+            finished = self._storage.run_on_domain(
+                job.domain, f"cold merge {job.id}: {phase.value}",
+                lambda: self._STEPS[phase](self, job),
+                timeout=self._commit_timeout if phase is Phase.COMMIT else None)
+        except Fenced as e:
+            # The fencer owns the image now: our record must not hold it.
+            self._drop_record(job)
+            self._end(job, FAILED, f"fenced: {e}")
+            return DONE
+        except qemu_img.Stop:
+            return self._aborted(job)
+        except errors.StorageDomainUnavailable as e:
+            return Retry(str(e))
+        except Exception as e:
+            if phase in (Phase.PREPARE, Phase.COMMIT) and not _transient(e):
+                log.error("cold merge %s failed in %s: %s", job.id, phase.value, e)
                 self._drop_record(job)
-                self._end(job, FAILED, f"fenced: {e}")
+                self._end(job, FAILED, f"{phase.value.lower()}: {e}")
                 return DONE
-            except qemu_img.Stop:
-                return self._aborted(job)
-            except errors.StorageDomainUnavailable as e:
-                return Retry(str(e))
-            except Exception as e:
-                if phase in (Phase.PREPARE, Phase.COMMIT) and not _transient(e):
-                    log.error("cold merge %s failed in %s: %s", job.id, phase.value, e)
-                    self._drop_record(job)
-                    self._end(job, FAILED, f"{phase.value.lower()}: {e}")
-                    return DONE
-                log.warning("cold merge %s: %s failed, retrying: %s", job.id, phase.value, e)
-                return Retry(f"{phase.value}: {e}")
-            if finished:
-                self._end(job, DONE_, "")
-                return DONE
+            log.warning("cold merge %s: %s failed, retrying: %s", job.id, phase.value, e)
+            return Retry(f"{phase.value}: {e}")
+        if finished:
+            self._end(job, DONE_, "")
+            return DONE
+        return None
 
     def _abort_requested(self, job: ColdMergeJob) -> bool:
         with self._lock:
