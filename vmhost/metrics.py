@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmhost.backoff import thread_errors
+from vmhost.jobs.report import state_counts
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
@@ -28,11 +29,10 @@ class _StateCollector:
     def collect(self):
         by_status = GaugeMetricFamily("vmhost_vms", "VMs by status", labels=["status"])
         counts: dict[str, int] = {}
-        jobs: dict[str, int] = {}
-        for vm in self._vms.vms():
+        vms = self._vms.vms()
+        for vm in vms:
             counts[vm.status] = counts.get(vm.status, 0) + 1
-            for rec in list(vm.definition.jobs.values()):
-                jobs[rec["state"]] = jobs.get(rec["state"], 0) + 1
+        jobs = state_counts(rec for vm in vms for rec in list(vm.definition.jobs.values()))
         for status in ("Up", "Paused", "Down", "WaitForLaunch"):
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status

@@ -335,7 +335,7 @@ def test_finding10_failed_blockcommit_leaks_nothing(world):
     world.dom.commit_error = "internal error"
     with pytest.raises(errors.MergeFailed):
         world.merger.merge(world.vm, world.spec, base=c[0], top=c[1])
-    assert world.merger._unreported == set() and world.repairs.intents == {}
+    assert world.merger.report.unreported() == set() and world.repairs.intents == {}
 
 
 def test_finding10_final_entry_is_not_stolen_by_a_fast_poller(world):

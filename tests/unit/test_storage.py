@@ -255,14 +255,15 @@ def test_failpoint_storage_metadata_temp_written_leaves_no_stale_temp(tmp_path):
 def test_every_failpoint_is_placed_in_the_code():
     import pathlib
     from vmhost import failpoints
-    from vmhost.virt.merge import State
+    from vmhost.virt.merge import MergeJob, State
     source = "".join(p.read_text() for p in pathlib.Path(failpoints.__file__).parent.rglob("*.py")
                      if p.name != "failpoints.py")
     for point in failpoints.POINTS:
         parts = point.split(".")
         if parts[:2] == ["merge", "save"]:
-            # merge._save hits merge.save.<state>.before/after for every state
-            assert parts[2] in State.__members__ and 'f"merge.save.{job.state.value}.' + parts[3] in source
+            # the job store's save hits <kind>.save.<state>.before/after for every state
+            assert parts[2] in State.__members__ and MergeJob.KIND == "merge"
+            assert 'f"{job.KIND}.save.{state}.' + parts[3] in source
         else:
             assert f'"{point}"' in source, point
 

@@ -52,22 +52,25 @@ for other hosts' records too), no second job is accepted. Records of another hos
 alone: finishing them needs the image's lease (see `_may_take_over`).
 
 Reporting: Host.getJobs shows each job as VDSM's HostJobInfo; finished jobs
-stay listed for `keep_seconds` (at most `keep_max` of them), in memory.
+stay listed for `keep_seconds` (at most `keep_max` of them), in memory
+(vmhost.jobs.report.HostJobs). The record is a vmhost.jobs Record kept by a
+DomainJobStore.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import logging
-import os
 import threading
 import time
 from typing import Callable, Protocol
 
 from vmhost import errors, failpoints
-from vmhost.fsutil import atomic_write, fsync_dir, unlink_durable
-from vmhost.ids import check_uuid, is_uuid
+from vmhost.ids import check_uuid
+from vmhost.jobs.record import Record
+from vmhost.jobs.report import ABORTED, DONE as DONE_, FAILED, RUNNING, HostJobs
+from vmhost.jobs.runner import run_steps
+from vmhost.jobs.store import DomainJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
 from vmhost.storage import executor, qemu_img
 from vmhost.storage.domain import StorageDomain
@@ -76,9 +79,7 @@ from vmhost.storage.metadata import Legality, VolType, VolumeMetadata
 
 log = logging.getLogger(__name__)
 
-RECORD_VERSION = 1
 JOB_TYPE = "storage"
-PENDING, RUNNING, DONE_, FAILED, ABORTED = "pending", "running", "done", "failed", "aborted"
 
 
 class Phase(str, enum.Enum):
@@ -96,7 +97,14 @@ class Fenced(Exception):
 
 
 @dataclasses.dataclass
-class ColdMergeJob:
+class ColdMergeJob(Record):
+    KIND = "coldmerge"
+    VERSION = 1
+    STATES = Phase
+    STATE_FIELD = "phase"
+    OWNER_FIELD = "host"
+    UUID_FIELDS = ("id", "domain", "image", "base", "top")
+
     id: str
     domain: str
     image: str
@@ -113,42 +121,11 @@ class ColdMergeJob:
     def leaf_merge(self) -> bool:
         return not self.child
 
-    def to_record(self) -> dict:
-        return {"version": RECORD_VERSION, "kind": "coldmerge",
-                **dataclasses.asdict(self), "phase": self.phase.value}
-
-    @classmethod
-    def from_record(cls, d: dict) -> "ColdMergeJob":
-        if d.get("version") != RECORD_VERSION or d.get("kind") != "coldmerge":
-            raise ValueError(f"unknown job record {d.get('kind')!r} version {d.get('version')!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        job = cls(**{k: v for k, v in d.items() if k in fields})
-        job.phase = Phase(job.phase)
-        for name in ("id", "domain", "image", "base", "top"):
-            check_uuid(getattr(job, name), f"job record {name}")
-        if job.child:
-            check_uuid(job.child, "job record child")
-        if not isinstance(job.generation, int) or not isinstance(job.top_capacity, int):
+    def check(self) -> None:
+        if self.child:
+            check_uuid(self.child, "job record child")
+        if not isinstance(self.generation, int) or not isinstance(self.top_capacity, int):
             raise ValueError("job record: generation and top_capacity must be integers")
-        return job
-
-
-@dataclasses.dataclass
-class HostJob:
-    """What Host.getJobs reports of one job (VDSM's HostJobInfo)."""
-    id: str
-    description: str
-    status: str = PENDING
-    progress: float = 0.0
-    error: str = ""
-    ended: float | None = None          # time.monotonic() when it finished
-
-    def info(self) -> dict:
-        d = {"id": self.id, "status": self.status, "progress": int(self.progress),
-             "description": self.description, "job_type": JOB_TYPE}
-        if self.error:
-            d["error"] = {"code": errors.MergeFailed.code, "message": self.error}
-        return d
 
 
 class ColdMergeStorage(Protocol):
@@ -175,9 +152,12 @@ class ColdMerger:
         self._host_id = host_id
         self.vm_in_use = vm_in_use
         self._commit_timeout = commit_timeout
-        self._keep_seconds, self._keep_max = keep_seconds, keep_max
-        self._lock = threading.Lock()
-        self._reports: dict[str, HostJob] = {}
+        # One lock for the reports and the image table: a new job's checks and
+        # its report are one step.
+        self._lock = threading.RLock()
+        self._reports = HostJobs(JOB_TYPE, errors.MergeFailed.code, keep_seconds, keep_max,
+                                 lock=self._lock)
+        self._records = DomainJobStore(ColdMergeJob)
         self._live: dict[str, ColdMergeJob] = {}             # job id -> running job
         self._images: dict[tuple[str, str], str] = {}        # (sd, img) -> job id holding it
         self._aborting: set[str] = set()
@@ -195,15 +175,13 @@ class ColdMerger:
         if base == top:
             raise errors.InvalidParameter("base_id and top_id are the same volume")
         with self._lock:
-            self._prune()
-            if job_id in self._reports:
-                raise errors.JobExists(job_id)
+            self._reports.check_new(job_id)
             holder = self._images.get((sd, img))
             if holder is not None:
                 raise errors.VolumeIsBusy(f"image {img} is held by job {holder}")
             # Reserved now, so a second call cannot pass the checks below meanwhile.
             self._images[(sd, img)] = job_id
-            self._reports[job_id] = HostJob(job_id, f"cold merge of {top} into {base}")
+            self._reports.add(job_id, f"cold merge of {top} into {base}")
         try:
             job = self._storage.run_on_domain(
                 sd, f"cold merge {job_id}: create",
@@ -211,7 +189,7 @@ class ColdMerger:
         except BaseException:
             with self._lock:
                 del self._images[(sd, img)]
-                del self._reports[job_id]
+                self._reports.discard(job_id)
             raise
         with self._lock:
             self._live[job_id] = job
@@ -221,12 +199,7 @@ class ColdMerger:
 
     def get_jobs(self, job_type: str | None = None, job_ids: list[str] | None = None) -> dict:
         """Host.getJobs: {job id: HostJobInfo}."""
-        if job_type not in (None, JOB_TYPE):
-            return {}
-        with self._lock:
-            self._prune()
-            return {j.id: j.info() for j in self._reports.values()
-                    if job_ids is None or j.id in job_ids}
+        return self._reports.infos(job_type, job_ids)
 
     def abort(self, job_id: str) -> None:
         """Host.abortJob: a job in PREPARE or COMMIT stops (qemu-img is killed)
@@ -249,13 +222,7 @@ class ColdMerger:
     def delete(self, job_id: str) -> None:
         """Host.deleteJob: forget an ended job (it leaves Host.getJobs)."""
         check_uuid(job_id, "job_id")
-        with self._lock:
-            report = self._reports.get(job_id)
-            if report is None:
-                raise errors.NoSuchJob(job_id)
-            if report.ended is None:
-                raise errors.JobInWrongState(f"job {job_id} is {report.status}; abort it first")
-            del self._reports[job_id]
+        self._reports.delete(job_id)
 
     def image_job(self, sd_uuid: str, img_uuid: str) -> str | None:
         """The job holding the image, if any: one of ours, or a record on the
@@ -265,7 +232,7 @@ class ColdMerger:
             job_id = self._images.get((sd_uuid, img_uuid))
         if job_id is not None:
             return job_id
-        records = self._records(self._storage.domain(sd_uuid))
+        records = self._records.readable(self._storage.domain(sd_uuid))
         return next((job.id for job in records if job.image == img_uuid), None)
 
     def resume(self) -> None:
@@ -301,7 +268,7 @@ class ColdMerger:
         busy = [v for v in dom.volumes(img) if self.vm_in_use(sd, img, v)]
         if busy:
             raise errors.VolumeIsBusy(f"image {img} is used by a running VM (volume {busy[0]})")
-        for other in self._records(dom):
+        for other in self._records.readable(dom):
             if other.id == job_id:
                 raise errors.JobExists(f"{job_id} (a record on domain {sd})")
             if other.image == img:
@@ -318,42 +285,8 @@ class ColdMerger:
         job = ColdMergeJob(id=job_id, domain=sd, image=img, base=base, top=top,
                            child=kids[0] if kids else "", generation=base_md.generation,
                            top_capacity=top_md.capacity, host=self._host_id)
-        self._save(dom, job)
+        self._records.save(dom, job)
         return job
-
-    # --- the record ---------------------------------------------------------
-
-    @staticmethod
-    def _record_path(dom: StorageDomain, job_id: str) -> str:
-        return os.path.join(dom.jobs_dir(), f"{check_uuid(job_id, 'job id')}.json")
-
-    def _save(self, dom: StorageDomain, job: ColdMergeJob) -> None:
-        directory = dom.jobs_dir()
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            fsync_dir(os.path.dirname(directory))
-        atomic_write(self._record_path(dom, job.id), json.dumps(job.to_record()).encode())
-
-    @staticmethod
-    def _records(dom: StorageDomain) -> list[ColdMergeJob]:
-        """Readable job records on the domain; unreadable ones are logged and
-        left for an operator (they never stop the others)."""
-        try:
-            names = sorted(os.listdir(dom.jobs_dir()))
-        except FileNotFoundError:
-            return []
-        jobs = []
-        for name in names:
-            key, ext = os.path.splitext(name)
-            if ext != ".json" or not is_uuid(key):
-                continue    # temp files of a writer that died: atomic_write removes them
-            try:
-                with open(os.path.join(dom.jobs_dir(), name), "rb") as f:
-                    jobs.append(ColdMergeJob.from_record(json.load(f)))
-            except (OSError, ValueError, TypeError, errors.VmhostError) as e:
-                log.error("storage job record %s on domain %s is unreadable, left alone: %s",
-                          name, dom.uuid, e)
-        return jobs
 
     # --- resuming ---------------------------------------------------------
 
@@ -362,7 +295,8 @@ class ColdMerger:
             return self._blocked(sd)
         try:
             found = self._storage.run_on_domain(sd, "list storage job records",
-                                                lambda: self._records(self._storage.domain(sd)))
+                                                lambda: self._records.readable(
+                                                    self._storage.domain(sd)))
         except errors.StorageDomainDoesNotExist:
             return DONE
         except Exception as e:
@@ -375,8 +309,9 @@ class ColdMerger:
                     continue
                 self._live[job.id] = job
                 self._images[(job.domain, job.image)] = job.id
-                self._reports[job.id] = HostJob(job.id, f"cold merge of {job.top} into "
-                                                        f"{job.base}", status=RUNNING)
+                self._reports.discard(job.id)     # (an ended run of it, if listed)
+                self._reports.add(job.id, f"cold merge of {job.top} into {job.base}",
+                                  status=RUNNING)
             log.info("cold merge %s: resuming in phase %s", job.id, job.phase.value)
             self._submit(job)
         return DONE
@@ -384,7 +319,7 @@ class ColdMerger:
     def _may_take_over(self, job: ColdMergeJob) -> bool:
         """Our own jobs resume. Another host's job is finished only under the
         image's lease (the fleet's work): until then it is left alone."""
-        if job.host == self._host_id:
+        if job.owner == self._host_id:
             return True
         log.warning("cold merge %s on image %s belongs to host %s; not taken over without "
                     "the image's lease", job.id, job.image, job.host)
@@ -406,38 +341,44 @@ class ColdMerger:
             job = self._live.get(job_id)
             if job is None:
                 return DONE
-            self._reports[job_id].status = RUNNING
-        while True:
-            if not self._storage.domain_valid(job.domain):
-                return self._blocked(job.domain)
-            phase = job.phase
-            if self._abort_requested(job):
-                return self._aborted(job)
-            try:
-                finished = self._storage.run_on_domain(
-                    job.domain, f"cold merge {job.id}: {phase.value}",
-                    lambda: self._STEPS[phase](self, job),
-                    timeout=self._commit_timeout if phase is Phase.COMMIT else None)
-            except Fenced as e:
-                # The fencer owns the image now: our record must not hold it.
+            self._reports.running(job_id)
+        # No VM lock to leave: each phase runs whole on the domain's executor.
+        return run_steps(lambda: (job.phase, self._run_phase(job)), None, lambda: job.phase,
+                         f"cold merge {job_id}", poll=0.0, max_steps=len(Phase) + 1)
+
+    def _run_phase(self, job: ColdMergeJob) -> Outcome | None:
+        """One phase; None when the job went on to its next phase."""
+        if not self._storage.domain_valid(job.domain):
+            return self._blocked(job.domain)
+        phase = job.phase
+        if self._abort_requested(job):
+            return self._aborted(job)
+        try:
+            finished = self._storage.run_on_domain(
+                job.domain, f"cold merge {job.id}: {phase.value}",
+                lambda: self._STEPS[phase](self, job),
+                timeout=self._commit_timeout if phase is Phase.COMMIT else None)
+        except Fenced as e:
+            # The fencer owns the image now: our record must not hold it.
+            self._drop_record(job)
+            self._end(job, FAILED, f"fenced: {e}")
+            return DONE
+        except qemu_img.Stop:
+            return self._aborted(job)
+        except errors.StorageDomainUnavailable as e:
+            return Retry(str(e))
+        except Exception as e:
+            if phase in (Phase.PREPARE, Phase.COMMIT) and not _transient(e):
+                log.error("cold merge %s failed in %s: %s", job.id, phase.value, e)
                 self._drop_record(job)
-                self._end(job, FAILED, f"fenced: {e}")
+                self._end(job, FAILED, f"{phase.value.lower()}: {e}")
                 return DONE
-            except qemu_img.Stop:
-                return self._aborted(job)
-            except errors.StorageDomainUnavailable as e:
-                return Retry(str(e))
-            except Exception as e:
-                if phase in (Phase.PREPARE, Phase.COMMIT) and not _transient(e):
-                    log.error("cold merge %s failed in %s: %s", job.id, phase.value, e)
-                    self._drop_record(job)
-                    self._end(job, FAILED, f"{phase.value.lower()}: {e}")
-                    return DONE
-                log.warning("cold merge %s: %s failed, retrying: %s", job.id, phase.value, e)
-                return Retry(f"{phase.value}: {e}")
-            if finished:
-                self._end(job, DONE_, "")
-                return DONE
+            log.warning("cold merge %s: %s failed, retrying: %s", job.id, phase.value, e)
+            return Retry(f"{phase.value}: {e}")
+        if finished:
+            self._end(job, DONE_, "")
+            return DONE
+        return None
 
     def _abort_requested(self, job: ColdMergeJob) -> bool:
         with self._lock:
@@ -455,18 +396,14 @@ class ColdMerger:
             self._live.pop(job.id, None)
             if self._images.get((job.domain, job.image)) == job.id:
                 del self._images[(job.domain, job.image)]
-            report = self._reports[job.id]
-            report.status, report.error, report.ended = status, error, time.monotonic()
-            if status == DONE_:
-                report.progress = 100
+            self._reports.end(job.id, status, error)
         log.info("cold merge %s: %s%s", job.id, status, f": {error}" if error else "")
 
     def _drop_record(self, job: ColdMergeJob) -> None:
         try:
             self._storage.run_on_domain(job.domain, f"cold merge {job.id}: drop record",
-                                        lambda: unlink_durable(
-                                            self._record_path(self._storage.domain(job.domain),
-                                                              job.id)))
+                                        lambda: self._records.remove(
+                                            self._storage.domain(job.domain), job.id))
         except Exception as e:   # the next start-up resumes it and fails it again
             log.warning("cold merge %s: could not remove its record: %s", job.id, e)
 
@@ -479,21 +416,7 @@ class ColdMerger:
                 raise qemu_img.Stop(f"job {job_id} aborted")
 
     def _set_progress(self, job_id: str, percent: float) -> None:
-        with self._lock:
-            report = self._reports.get(job_id)
-            if report is not None:
-                report.progress = max(0.0, min(100.0, percent))
-
-    def _prune(self) -> None:
-        """Finished jobs older than keep_seconds go, and the oldest beyond
-        keep_max (the caller holds the lock)."""
-        now = time.monotonic()
-        ended = sorted((j for j in self._reports.values() if j.ended is not None),
-                       key=lambda j: j.ended or 0.0)
-        excess = len(ended) - self._keep_max
-        for i, j in enumerate(ended):
-            if i < excess or now - (j.ended or now) > self._keep_seconds:
-                del self._reports[j.id]
+        self._reports.progress(job_id, percent)
 
     # --- the phases (on the domain's executor); True when the job is done ---
 
@@ -552,7 +475,7 @@ class ColdMerger:
             dom.write_metadata(base.replace(capacity=max(base.capacity, job.top_capacity),
                                             voltype=voltype, generation=job.generation + 1))
             failpoints.hit("coldmerge.finalize.after")
-        unlink_durable(self._record_path(dom, job.id))
+        self._records.remove(dom, job.id)
         return True
 
     _STEPS = {Phase.PREPARE: _step_prepare, Phase.COMMIT: _step_commit,
@@ -561,7 +484,7 @@ class ColdMerger:
     def _advance_to(self, dom: StorageDomain, job: ColdMergeJob, phase: Phase) -> None:
         """Write-ahead: the next phase is on the domain before its side effect."""
         job.phase = phase
-        self._save(dom, job)
+        self._records.save(dom, job)
 
     def _check_fence(self, job: ColdMergeJob,
                      done_ok: bool = False) -> tuple[StorageDomain, VolumeMetadata]:

@@ -14,6 +14,7 @@ import logging
 from typing import Callable, Protocol
 
 from vmhost import errors
+from vmhost.jobs.runner import Outside, act_outside
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.virt import domxml
 from vmhost.virt.vm import DOWN, Vm
@@ -99,7 +100,7 @@ class DiskSynchronizer:
 
     def _repair_drive(self, vm: Vm, name: str, result: dict | None) -> Outcome:
         """Decide under the VM lock, write storage without it, re-check and
-        persist under it again."""
+        persist under it again (vmhost.jobs.runner)."""
         with vm.lock:
             walk_from = vm.definition.storage_sync.get(name)
             if walk_from is None:
@@ -115,19 +116,25 @@ class DiskSynchronizer:
             return Blocked(Requirement(f"storage domain {domain} is VALID",
                                        ("domain", domain),
                                        lambda: self._storage.domain_valid(domain)))
-        try:
-            case = self._storage.sync_volume_chain(domain, image, walk_from, actual)
-        except Exception as e:
-            log.warning("VM %s drive %s: storage repair failed: %s", vm.id, name, e)
-            return Retry(f"storage repair of image {image} failed: {e}")
+        work = Outside(io=lambda: self._storage.sync_volume_chain(domain, image, walk_from, actual),
+                       then=lambda case: self._synced(vm, name, case, result),
+                       expect=(walk_from, actual), what=f"storage repair of image {image}")
+        return act_outside(work, lambda w, case: self._reenter(vm, name, w, case),
+                           f"VM {vm.id} drive {name}")
+
+    def _reenter(self, vm: Vm, name: str, work: Outside, case: str) -> Outcome:
         with vm.lock:
             if vm.status == DOWN:
                 return DONE
-            if (vm.definition.storage_sync.get(name) != walk_from
-                    or vm.definition.drive(name).volume_ids() != actual):
+            if (vm.definition.storage_sync.get(name),
+                    vm.definition.drive(name).volume_ids()) != work.expect:
                 return Wait(0.0)     # changed meanwhile: decide again
-            del vm.definition.storage_sync[name]
-            self._persist(vm)
+            return work.then(case)
+
+    def _synced(self, vm: Vm, name: str, case: str, result: dict | None) -> Outcome:
+        """The repair is done (VM lock held): the write-ahead entry goes."""
+        del vm.definition.storage_sync[name]
+        self._persist(vm)
         if result is not None:
             result[name]["storage"] = case
         log.info("VM %s drive %s: storage metadata in sync (%s)", vm.id, name, case)

@@ -62,17 +62,17 @@ and its storage work is handed to an image repair (storage/repairs.py) that
 survives agent restarts and runs when the domain is VALID.
 
 Storage I/O never runs under the VM's lock: a step decides under the lock,
-returns an _Outside (the storage call and its continuation), the call runs
-without the lock, and the continuation re-checks the record under the lock
-before it persists anything. The scheduler runs one work item per job at a
-time, so the job's own steps never race each other.
+returns an _Outside (vmhost.jobs.runner.Outside: the storage call and its
+continuation), the runner (run_steps) makes the call without the lock, and
+the continuation re-checks the record under the lock before it persists
+anything. The scheduler runs one work item per job at a time, so the job's
+own steps never race each other.
 """
 from __future__ import annotations
 
 import dataclasses
 import enum
 import logging
-import threading
 import time
 import uuid
 from typing import Any, Callable, Protocol
@@ -81,6 +81,10 @@ import libvirt
 
 from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
+from vmhost.jobs.record import Record
+from vmhost.jobs.report import VmJobsReport, record_history
+from vmhost.jobs.runner import Outside as _Outside, run_steps
+from vmhost.jobs.store import UNREADABLE, VmJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.storage.repairs import ImageRepair
 from vmhost.virt import domxml
@@ -88,8 +92,6 @@ from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.vm import DOWN, Vm
 
 log = logging.getLogger(__name__)
-
-RECORD_VERSION = 2
 
 
 class State(str, enum.Enum):
@@ -110,8 +112,33 @@ LIVE_STATES = {State.STARTING, State.COMMIT, State.READY, State.PIVOT, State.ABO
                State.CLEANUP}
 
 
+def upgrade_v1(d: dict) -> dict:
+    """Version 1 is VDSM's live merge record (livemerge.Job.to_dict: id, drive,
+    disk{domainID, imageID, volumeID}, base, top, bandwidth, state, extend,
+    pivot), so a VM whose job came from a VDSM host, or from an agent of the
+    first format, can still be finished here. VDSM's states map onto ours;
+    the chain at start is unknown in v1 and is rebuilt from base..top."""
+    disk = d["disk"]
+    state = {"INIT": "STARTING", "EXTEND": "STARTING", "COMMIT": "COMMIT",
+             "CLEANUP": "CLEANUP"}.get(d.get("state", "COMMIT"), "COMMIT")
+    if state == "CLEANUP" and d.get("pivot"):
+        state = "READY"  # VDSM's cleanup with pivot pending = our READY
+    return {"id": d["id"], "drive": d["drive"], "domain": disk["domainID"],
+            "image": disk["imageID"], "leaf": disk["volumeID"], "base": d["base"],
+            "top": d["top"], "chain": [d["base"], d["top"]] if d["top"] != d["base"] else [d["base"]],
+            "bandwidth": int(d.get("bandwidth", 0)), "state": state}
+
+
 @dataclasses.dataclass
-class MergeJob:
+class MergeJob(Record):
+    KIND = "merge"
+    VERSION = 2
+    STATES = State
+    UUID_FIELDS = ("id", "domain", "image", "leaf", "base", "top")
+    UPGRADES = {1: upgrade_v1}
+    UNVERSIONED = 1        # VDSM's records carry no version
+    WRITES_KIND = False    # (and ours never did)
+
     id: str
     drive: str                 # libvirt target ("vda"): stable across a pivot
     domain: str
@@ -139,50 +166,15 @@ class MergeJob:
         """Volumes that leave the chain when the merge succeeds."""
         return self.chain[self.chain.index(self.base) + 1: self.chain.index(self.top) + 1]
 
-    def to_record(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["state"] = self.state.value
-        d["version"] = RECORD_VERSION
-        return d
-
-    @classmethod
-    def from_record(cls, d: dict) -> "MergeJob":
-        version = d.get("version", 1)
-        if version == 1:
-            d = upgrade_v1(d)
-        elif version != RECORD_VERSION:
-            raise ValueError(f"unknown merge job record version {version!r}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        job = cls(**{k: v for k, v in d.items() if k in fields})
-        job.state = State(job.state)
-        for name in ("id", "domain", "image", "leaf", "base", "top"):
-            check_uuid(getattr(job, name), f"job record {name}")
-        if job.base not in job.chain or job.top not in job.chain:
-            raise ValueError(f"job record {job.id}: base/top not in its chain")
-        return job
+    def check(self) -> None:
+        if self.base not in self.chain or self.top not in self.chain:
+            raise ValueError(f"job record {self.id}: base/top not in its chain")
 
     def repair(self, vm_id: str) -> ImageRepair:
         """The storage work this job owes if its VM goes away."""
         return ImageRepair(key=self.id, vm_id=vm_id, domain=self.domain, image=self.image,
                            walk_from=self.leaf, base=self.base, merged=self.merged_volumes,
                            capacity=self.top_capacity)
-
-
-def upgrade_v1(d: dict) -> dict:
-    """Version 1 is VDSM's live merge record (livemerge.Job.to_dict: id, drive,
-    disk{domainID, imageID, volumeID}, base, top, bandwidth, state, extend,
-    pivot), so a VM whose job came from a VDSM host, or from an agent of the
-    first format, can still be finished here. VDSM's states map onto ours;
-    the chain at start is unknown in v1 and is rebuilt from base..top."""
-    disk = d["disk"]
-    state = {"INIT": "STARTING", "EXTEND": "STARTING", "COMMIT": "COMMIT",
-             "CLEANUP": "CLEANUP"}.get(d.get("state", "COMMIT"), "COMMIT")
-    if state == "CLEANUP" and d.get("pivot"):
-        state = "READY"  # VDSM's cleanup with pivot pending = our READY
-    return {"id": d["id"], "drive": d["drive"], "domain": disk["domainID"],
-            "image": disk["imageID"], "leaf": disk["volumeID"], "base": d["base"],
-            "top": d["top"], "chain": [d["base"], d["top"]] if d["top"] != d["base"] else [d["base"]],
-            "bandwidth": int(d.get("bandwidth", 0)), "state": state}
 
 
 def job_entry(rec: dict, live: dict | None = None) -> dict:
@@ -243,16 +235,6 @@ class MergeConfig:
     final_entry_ttl: float = 30.0   # seconds a finished job stays visible once shown
 
 
-@dataclasses.dataclass
-class _Outside:
-    """Storage I/O a step needs, run without the VM lock; `then` runs under
-    the lock again, after checking the job is still in state `expect`."""
-    io: Callable[[], Any]
-    then: Callable[[Vm, DomainAdapter, "MergeJob", Any], "Outcome | _Outside | None"]
-    expect: State
-    what: str
-
-
 class Merger:
     """Starts, drives, aborts and reports the merge jobs of every VM."""
 
@@ -274,14 +256,9 @@ class Merger:
         self.repairs: Repairs = repairs or NoRepairs()
         self._live: dict[str, dict] = {}            # job id -> last blockJobInfo
         self._last_event: dict[tuple[str, str], str] = {}   # (vm, drive) -> status name
-        self._lock = threading.Lock()
-        # Jobs that finished before any stats call showed them are shown in
-        # their final state until a stats call saw them and final_entry_ttl
-        # passed, so a job is always seen by the next stats call, and a fast
-        # monitoring poller cannot take the engine's one look at it.
-        self._unreported: set[str] = set()
-        self._finals: dict[str, dict[str, dict]] = {}    # vm -> job -> entry
-        self._final_meta: dict[str, list[float]] = {}    # job -> [finished, first seen]
+        # (through self._persist, which tests replace)
+        self._store = VmJobStore(MergeJob, persist=lambda vm: self._persist(vm))
+        self.report = VmJobsReport(ttl=lambda: self.config.final_entry_ttl)
         self.history = history or JobHistory(None)
 
     # --- API ------------------------------------------------------------
@@ -321,8 +298,7 @@ class Merger:
             except BaseException:
                 self.repairs.cancel(job.id)
                 raise
-            with self._lock:
-                self._unreported.add(job.id)   # until a stats call has shown it
+            self.report.started(job.id)   # shown once, even if it ends before a stats call
             try:
                 self._block_commit(self._domain_of(vm), job)
             except libvirt.libvirtError as e:
@@ -342,9 +318,8 @@ class Merger:
     def _start_failed(self, vm: Vm, job: MergeJob, reason: str) -> None:
         """blockCommit was refused: the job leaves no trace, or, if even that
         cannot be persisted, ends through its own work item."""
-        with self._lock:
-            self._unreported.discard(job.id)
-        rec = vm.definition.jobs.pop(job.id)
+        self.report.unstarted(job.id)
+        rec = self._store.take(vm, job.id)
         try:
             self._persist(vm)
         except Exception as e:
@@ -381,8 +356,7 @@ class Merger:
         with vm.lock:
             rec = vm.definition.jobs.get(job_id)
             if rec is None:
-                with self._lock:
-                    self._drop_final(vm.id, job_id)
+                self.report.drop(vm.id, job_id)
                 return
             job = self._job(vm, job_id)
             if job.state is not State.FAILED:
@@ -394,36 +368,22 @@ class Merger:
         return rec["state"].lower() if rec else "unknown"
 
     def job_stats(self, vm: Vm) -> dict:
-        now = time.monotonic()
-        with self._lock:
-            for job_id in list(self._finals.get(vm.id, {})):
-                finished, seen = self._final_meta[job_id]
-                if seen and now - finished >= self.config.final_entry_ttl:
-                    self._drop_final(vm.id, job_id)     # shown, and old enough
-            out = dict(self._finals.get(vm.id, {}))
-            for job_id in out:
-                self._final_meta[job_id][1] = self._final_meta[job_id][1] or now
-            records = list(vm.definition.jobs.values())
-            self._unreported.difference_update(rec.get("id") for rec in records)
-        for rec in records:
-            out[rec.get("id")] = job_entry(rec, self._live.get(rec.get("id")))
-        return out
+        return self.report.entries(vm.id, lambda: self._store.records(vm),
+                                   lambda rec: job_entry(rec, self._live.get(rec.get("id"))))
 
     def forget_vm(self, vm_id: str) -> None:
         """The VM left this host: drop what is kept for its reports."""
-        with self._lock:
-            for job_id in self._finals.pop(vm_id, {}):
-                self._final_meta.pop(job_id, None)
+        self.report.forget(vm_id)
         for key in [k for k in self._last_event if k[0] == vm_id]:
             self._last_event.pop(key, None)
 
     def busy_drives(self, vm: Vm) -> set[str]:
-        return {rec.get("drive") for rec in list(vm.definition.jobs.values())
+        return {rec.get("drive") for rec in self._store.records(vm)
                 if rec.get("state") != State.FAILED.value}
 
     def paused_by_job(self, vm: Vm) -> str | None:
         """The id of a job that holds the VM paused for its pivot, if any."""
-        for rec in list(vm.definition.jobs.values()):
+        for rec in self._store.records(vm):
             if rec.get("paused_for_pivot"):
                 return rec.get("id")
         return None
@@ -465,7 +425,7 @@ class Merger:
                 f"VM {vm.id} has no drive with image {spec['imageID']} and leaf {spec['volumeID']}")
         if job_id in vm.definition.jobs or self.history.find(job_id):
             raise errors.MergeFailed(f"jobUUID {job_id} is already used")
-        for rec in vm.definition.jobs.values():
+        for rec in self._store.records(vm):
             if rec.get("drive") == drive.name and rec.get("state") != State.FAILED.value:
                 raise errors.MergeFailed(f"drive {drive.name} already has job {rec.get('id')} "
                                          f"({rec.get('state')})")
@@ -496,47 +456,43 @@ class Merger:
 
     def advance(self, vm_id: str, job_id: str) -> Outcome:
         """One run of the job's work item: drive the state machine as far as it goes now."""
-        for _ in range(2 * len(State) + 2):   # steps chain within one run
-            vm = self._vm_lookup(vm_id)
-            if vm is None:
-                return self._vm_gone(None, vm_id, job_id)
-            with vm.lock:
-                if job_id not in vm.definition.jobs:
-                    self._live.pop(job_id, None)
-                    return DONE
-                if vm.status == DOWN:
-                    return self._vm_gone(vm, vm_id, job_id)
-                job = self._job(vm, job_id)
-                before = job.state
-                step = getattr(self, f"_step_{job.state.value.lower()}", None)
-                if step is None:   # FAILED (an older agent's record): end it
-                    self._finish(vm, job, State.FAILED, job.error or "failed")
-                    return DONE
-                try:
-                    outcome = step(vm, self._domain_of(vm), job)
-                except libvirt.libvirtError as e:
-                    if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                        raise
-                    vm.status = DOWN   # QEMU went away under us: same as a stop event
-                    return self._vm_gone(vm, vm_id, job_id)
-            while isinstance(outcome, _Outside):
-                outcome = self._run_outside(vm_id, job_id, outcome)
-            if outcome is not None:
-                return outcome
-            if self._state_of(vm, job_id) is before:
-                return Wait(self.config.poll_interval)
-        return Wait(self.config.poll_interval)
+        return run_steps(lambda: self._decide(vm_id, job_id),
+                         lambda work, result: self._reenter(vm_id, job_id, work, result),
+                         lambda: self._state_of(vm_id, job_id), f"merge job {job_id}",
+                         self.config.poll_interval, 2 * len(State) + 2)
 
-    def _state_of(self, vm: Vm, job_id: str) -> State | None:
-        rec = vm.definition.jobs.get(job_id)
+    def _decide(self, vm_id: str, job_id: str) -> tuple[State | None, Outcome | _Outside | None]:
+        """One step under the VM lock: (the state it started from, its result)."""
+        vm = self._vm_lookup(vm_id)
+        if vm is None:
+            return None, self._vm_gone(None, vm_id, job_id)
+        with vm.lock:
+            if job_id not in vm.definition.jobs:
+                self._live.pop(job_id, None)
+                return None, DONE
+            if vm.status == DOWN:
+                return None, self._vm_gone(vm, vm_id, job_id)
+            job = self._job(vm, job_id)
+            step = getattr(self, f"_step_{job.state.value.lower()}", None)
+            if step is None:   # FAILED (an older agent's record): end it
+                self._finish(vm, job, State.FAILED, job.error or "failed")
+                return job.state, DONE
+            try:
+                return job.state, step(vm, self._domain_of(vm), job)
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                vm.status = DOWN   # QEMU went away under us: same as a stop event
+                return job.state, self._vm_gone(vm, vm_id, job_id)
+
+    def _state_of(self, vm_id: str, job_id: str) -> State | None:
+        vm = self._vm_lookup(vm_id)
+        rec = vm.definition.jobs.get(job_id) if vm is not None else None
         return State(rec["state"]) if rec else None
 
-    def _run_outside(self, vm_id: str, job_id: str, work: _Outside) -> Outcome | _Outside | None:
-        try:
-            result = work.io()
-        except Exception as e:
-            log.warning("merge job %s: %s failed: %s", job_id, work.what, e)
-            return Retry(f"{work.what} failed: {e}")
+    def _reenter(self, vm_id: str, job_id: str, work: _Outside,
+                 result: Any) -> Outcome | _Outside | None:
+        """After a step's storage I/O: re-check under the VM lock, then go on."""
         vm = self._vm_lookup(vm_id)
         if vm is None:
             return self._vm_gone(None, vm_id, job_id)
@@ -751,14 +707,13 @@ class Merger:
             if not self.repairs.start(job_id, reason):
                 log.warning("merge job %s of VM %s: VM gone, no repair intent", job_id, vm_id)
             return DONE
-        rec = vm.definition.jobs.get(job_id)
-        if rec is None:
-            return DONE
         try:
-            job = MergeJob.from_record(rec)
-        except (ValueError, TypeError, KeyError, errors.VmhostError) as e:
+            job = self._store.get(vm, job_id)
+        except UNREADABLE as e:
             log.error("merge job %s of VM %s: unreadable record, dropped: %s", job_id, vm_id, e)
-            vm.definition.jobs.pop(job_id, None)
+            self._store.take(vm, job_id)
+            return DONE
+        if job is None:
             return DONE
         if not self.repairs.has(job.id):
             self.repairs.intend(job.repair(vm.id))
@@ -800,29 +755,18 @@ class Merger:
 
     def _jobs(self, vm: Vm) -> list[MergeJob]:
         """The readable job records (unreadable ones are reported at recovery)."""
-        return [MergeJob.from_record(r) for k, r in list(vm.definition.jobs.items())
-                if k not in vm.bad_jobs]
+        return self._store.readable(vm)
 
     def _job(self, vm: Vm, job_id: str) -> MergeJob:
-        rec = vm.definition.jobs.get(job_id)
-        if rec is None:
+        job = self._store.get(vm, job_id)
+        if job is None:
             raise errors.MergeFailed(f"VM {vm.id} has no job {job_id}")
-        return MergeJob.from_record(rec)
+        return job
 
     def _save(self, vm: Vm, job: MergeJob, old: State | None, reason: str) -> None:
-        """Persist the record; if libvirt cannot store it, memory keeps the old one."""
-        previous = vm.definition.jobs.get(job.id)
-        vm.definition.jobs[job.id] = job.to_record()
-        failpoints.hit(f"merge.save.{job.state.value}.before")
-        try:
-            self._persist(vm)
-            failpoints.hit(f"merge.save.{job.state.value}.after")
-        except BaseException:
-            if previous is None:
-                vm.definition.jobs.pop(job.id, None)
-            else:
-                vm.definition.jobs[job.id] = previous
-            raise
+        """Persist the record (write-ahead; failpoints merge.save.<STATE>.*)
+        and report a state change."""
+        self._store.save(vm, job)
         if old is not job.state:
             self._emit(vm, job, old, job.state, reason)
 
@@ -839,23 +783,14 @@ class Merger:
         # engine polling both never finds it in neither.
         self._record_history(vm, job)
         entry = job_entry(job.to_record(), {"cur": 0, "end": 0})
-        with self._lock:  # against job_stats: the job is always in one of the two places
-            rec = vm.definition.jobs.pop(job.id)
-            shown_final = job.id in self._unreported
-            if shown_final:
-                self._unreported.discard(job.id)
-                self._finals.setdefault(vm.id, {})[job.id] = entry
-                self._final_meta[job.id] = [time.monotonic(), 0.0]
+        _, undo = self.report.finish(vm.id, job.id, entry,
+                                     leave=lambda: self._store.take(vm, job.id))
         failpoints.hit("merge.finish.before")
         if persist:
             try:
                 self._persist(vm)
             except BaseException:
-                with self._lock:
-                    vm.definition.jobs[job.id] = rec
-                    self._drop_final(vm.id, job.id)
-                    if shown_final:
-                        self._unreported.add(job.id)
+                undo(lambda rec: self._store.put_back(vm, job.id, rec))
                 raise
         failpoints.hit("merge.finish.after")
         if not keep_intent:
@@ -864,29 +799,15 @@ class Merger:
         self._emit(vm, job, old, final, reason)
         self._live.pop(job.id, None)
 
-    def _drop_final(self, vm_id: str, job_id: str) -> None:
-        """(under self._lock)"""
-        finals = self._finals.get(vm_id, {})
-        finals.pop(job_id, None)
-        if not finals:
-            self._finals.pop(vm_id, None)
-        self._final_meta.pop(job_id, None)
-
     def _forget(self, vm: Vm, job: MergeJob) -> None:
         self._record_history(vm, job)
-        vm.definition.jobs.pop(job.id, None)
-        self._persist(vm)
+        self._store.remove(vm, job.id)
         self.repairs.cancel(job.id)
         self._live.pop(job.id, None)
 
     def _record_history(self, vm: Vm, job: MergeJob) -> None:
-        entry = job.to_record()
-        entry.update(vmId=vm.id, finished=time.time(),
-                     bytes=self._live.get(job.id, {}).get("end", 0))
-        try:
-            self.history.append(entry)
-        except OSError as e:  # history is a convenience; never fail a job for it
-            log.error("cannot record job %s in the history: %s", job.id, e)
+        record_history(self.history, {**job.to_record(), "vmId": vm.id, "finished": time.time(),
+                                      "bytes": self._live.get(job.id, {}).get("end", 0)})
 
     def _emit(self, vm: Vm, job: MergeJob, old: State | None, new: State, reason: str) -> None:
         fields = {"vmID": vm.id, "drive": job.drive, "jobID": job.id,
