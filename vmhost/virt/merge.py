@@ -52,6 +52,10 @@ the guest saw completed. Instead the VM is paused for the pivot itself:
                               the base, and the top is ILLEGAL.
 So whatever point QEMU (or the host) dies at, the chain that survives holds
 every acknowledged write. VM.cont is refused while a job holds the VM paused.
+On a shared domain libvirt gives QEMU's leases up at the pause: the agent
+holds the image's lease itself from the pause until the marker is written,
+and gives it back before the resume (libvirt takes it again for QEMU then).
+Another host took it after the pause: no pivot (resume, READY, retry).
 
 Ownership: while a drive has a live job, only the job touches that drive's
 storage metadata (VM.synchronizeDisks skips such a drive). Every job leaves
