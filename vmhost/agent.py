@@ -124,6 +124,7 @@ class Agent:
         if valid:
             self.scheduler.notify(("domain", sd_uuid))
             self._submit_resume_eio(sd_uuid)
+            self.cold_merges.watch(sd_uuid)    # a domain connected since the start, too
 
     def _submit_resume_eio(self, sd_uuid: str) -> None:
         # Before recovery the VMs are not known yet; recovery submits it again.
