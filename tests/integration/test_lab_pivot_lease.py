@@ -28,26 +28,14 @@ import libvirt
 import pytest
 
 from conftest import ROOT, VM_PREFIX, wait_for
-from labutil import (MiB, boot_with_failpoint, chain_views, create_volume,  # noqa: F401
-                     file_digests, lab_dir, lab_up, shared_domain)    # lab_dir: fixture
+from labutil import (MiB, agent_pid, boot_with_failpoint, chain_views,  # noqa: F401
+                     create_volume, file_digests, lab_dir, lab_up,  # lab_dir: fixture
+                     shared_domain, stopped)
 from vmhost.client import Client, RpcError
 from vmhost.lab.lab import Lab
 from vmhost.testing import guestio
 
 POINT = "merge.pivot.after"
-
-
-def _agent_pid(lab_dir: str, host: str) -> int:
-    for pid in Lab(lab_dir).pids(host):
-        argv = _cmdline(pid).split("\0")
-        if "serve" in argv and "--host-id" in argv:
-            return pid
-    raise AssertionError(f"{host} runs no agent")
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def _refused(c: Client, verb: str, **params) -> RpcError:
@@ -66,7 +54,7 @@ def test_a_vm_paused_for_its_pivot_keeps_its_image_to_its_host(lab_dir, workdir)
     conn1 = libvirt.open(hosts[0]["libvirtUri"])
     img, vm = str(uuid.uuid4()), str(uuid.uuid4())
     img_dir = os.path.join(storage, sd, "images", img)
-    agent = _agent_pid(lab_dir, "host1")
+    agent = agent_pid(lab_dir, "host1")
     try:
         base = create_volume(h1, sd, img)
         params = {"vmName": VM_PREFIX + vm[:8], "memSize": 64, "devices": [
@@ -83,7 +71,7 @@ def test_a_vm_paused_for_its_pivot_keeps_its_image_to_its_host(lab_dir, workdir)
         job = h1.call("VM.merge", vmID=vm, drive={"domainID": sd, "imageID": img,
                                                   "volumeID": leaf},
                       baseVolUUID=base, topVolUUID=leaf, jobUUID=str(uuid.uuid4()))
-        wait_for(lambda: _stopped(agent), 60, f"host1's agent to stop at {POINT}")
+        wait_for(lambda: stopped(agent), 60, f"host1's agent to stop at {POINT}")
         assert dom1.state()[0] == libvirt.VIR_DOMAIN_PAUSED
         # Pivoted, the marker not written: the leaf is still LEGAL, so only the
         # lease keeps host2 from taking the image.
@@ -110,7 +98,7 @@ def test_a_vm_paused_for_its_pivot_keeps_its_image_to_its_host(lab_dir, workdir)
 
         _dead_process_lease_is_released(lab_dir, hosts, sd)
     finally:
-        if os.path.exists(f"/proc/{agent}") and _stopped(agent):
+        if stopped(agent):
             os.kill(agent, signal.SIGCONT)
         for c in (h1, h2):
             c.close()
