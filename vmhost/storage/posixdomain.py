@@ -18,6 +18,7 @@ writes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -206,6 +207,9 @@ class PosixStorageDomain(FileStorageDomain):
             if e.errno in sanlock.CONTENDED:
                 raise errors.AcquireLockFailure(
                     f"image {img}: its lease is held by another host: {e}") from None
+            if e.errno == errno.EEXIST:
+                raise errors.VolumeIsBusy(f"image {img}: its lease is held by another process "
+                                          f"of this host (a VM running the image): {e}") from None
             raise errors.GeneralError(f"image {img} lease on {self.uuid}: {e}") from None
 
     def release_image_lease(self, held: sanlock.Held) -> None:
