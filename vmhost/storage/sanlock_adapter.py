@@ -196,6 +196,17 @@ def release(held: Held) -> None:
         os.close(held.fd)      # released anyway once the daemon sees the fd closed
 
 
+def still_held(held: Held) -> bool:
+    """Whether the daemon says this registration still holds the lease (no storage
+    access): not after a daemon restart, nor once sanlock took it away."""
+    try:
+        resources = _call(lambda s: s.inquire, slkfd=held.fd)
+    except SanlockError:
+        return False
+    return any(r.get("lockspace") == held.lockspace.encode() and
+               r.get("resource") == held.resource.encode() for r in resources)
+
+
 @contextlib.contextmanager
 def holding(lockspace: str, resource: str, path: str, offset: int):
     """Hold a resource lease for the duration of the block (see acquire)."""

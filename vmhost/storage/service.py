@@ -346,16 +346,22 @@ class StorageService:
         """Hold the image's lease in this agent until release_image. For a VM paused for
         a pivot: libvirt gave its QEMU's leases up at the pause, and until the pivot's
         marker is written no other host may change the image or start the VM. A no-op
-        on a local domain, or when held already; 651 while another host holds it. If
-        the agent dies, sanlock releases the lease."""
+        on a local domain, or when held already (asked of sanlock: re-checked before
+        each side effect); 651 while another host holds it. If the agent dies, sanlock
+        releases the lease."""
         dom = self.domain(sd_uuid)
         check_uuid(img_uuid, "imageID")
         if not isinstance(dom, PosixStorageDomain):
             return
         key = (sd_uuid, img_uuid)
         with self._lock:
-            if key in self._held:
+            held = self._held.get(key)
+        if held is not None:
+            if sanlock.still_held(held):
                 return
+            log.warning("image %s: this agent's lease on it was lost; taking it again",
+                        img_uuid)
+            self.release_image(sd_uuid, img_uuid)
         self._joined_domain(sd_uuid)
 
         def acquire() -> None:
