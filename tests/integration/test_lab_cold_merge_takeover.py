@@ -26,6 +26,7 @@ from conftest import wait_for
 from labutil import (MiB, agent_pid, boot_with_failpoint, create_volume,  # noqa: F401
                      lab_cli, lab_dir, lab_up, read_metadata,  # lab_dir: fixture
                      shared_domain, stopped)
+from scenario import record
 from vmhost.client import Client, TransportError
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
@@ -115,3 +116,6 @@ def test_another_host_finishes_a_cold_merge_under_the_image_lease(lab_dir, workd
     # The image is free again: host2 changes it (the merged-away volume goes).
     with Client(hosts[1]["url"], timeout=60) as h2:
         h2.call("Volume.delete", storagedomainID=sd, imageID=img, volumeID=top)
+    record({"scenario": "fleet-cold-takeover", "point": name, "kind": "internal",
+            "outcome": how, "converged": True, "seconds": round(waited, 1), "final": "done",
+            "merged": True, "data_ok": True, "leaks": 0})
