@@ -39,6 +39,7 @@ faults: setup
 	    tests/integration/test_crash_matrix.py tests/integration/test_merge_edges.py \
 	    tests/integration/test_merge_edges_chain.py tests/integration/test_hung_storage.py \
 	    tests/integration/test_cold_merge.py tests/integration/test_lab_merge_failover.py \
+	    tests/integration/test_lab_cold_merge_takeover.py \
 	    tests/integration/faults tests/faults
 	$(PY) scripts/faults_report.py reports/faults.jsonl reports/fuzz.json reports/faults.md
 

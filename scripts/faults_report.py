@@ -39,7 +39,10 @@ def main(rows_path: str, fuzz_path: str, out_path: str) -> int:
                         ("cold-merge-crash", "Cold merge: SIGKILL at every cold-merge point"),
                         ("fleet-failover", "Lab host powered off mid-merge, engine path on "
                                            "another host (agent = create or reconcile+create; "
-                                           "seconds from power-off to the VM up)")):
+                                           "seconds from power-off to the VM up)"),
+                        ("fleet-cold-takeover", "Lab host's cold merge finished by another host "
+                                                "under the image lease (agent = killed or "
+                                                "poweroff; seconds until the job is done there)")):
         rs = by.pop(name, [])
         out += ["", f"## {title}: {len(rs)} run(s), {sum(r['converged'] for r in rs)} converged",
                 "", "| case | merge | agent | converged | seconds | final job | chain | data ok | leaks |",

@@ -137,6 +137,7 @@ class Agent:
         if valid:
             self.scheduler.notify(("domain", sd_uuid))
             self.eio.on_domain_valid(sd_uuid)
+            self.cold_merges.watch(sd_uuid)    # a domain connected since the start, too
 
     @property
     def ready(self) -> bool:

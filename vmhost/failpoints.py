@@ -3,7 +3,10 @@
 `VMHOST_FAILPOINT=<name>` (or `<name>:<n>`, dying on the n-th hit) in the
 agent's environment makes it die with SIGKILL, abruptly, exactly where
 `hit(<name>)` is called: no clean-up, no flush, like a power cut of the
-agent. Unset (production), `hit` is a function that returns at once.
+agent. `<name>:<n>:stop` freezes it there instead (SIGSTOP to itself: it
+holds whatever it holds, sanlock leases included, until a SIGCONT), to look
+at the world at that point. Unset (production), `hit` is a function that
+returns at once.
 
 Every point is listed in POINTS; a test checks that each is placed in the
 code, so the crash matrix always covers all of them.
@@ -56,13 +59,16 @@ COLD_POINTS: tuple[str, ...] = (
 POINTS: tuple[str, ...] = MERGE_POINTS + EDGE_POINTS + COLD_POINTS
 
 
-def _parse(spec: str) -> tuple[str, int] | None:
+def _parse(spec: str) -> tuple[str, int, signal.Signals] | None:
     if not spec:
         return None
-    name, _, count = spec.partition(":")
+    name, _, rest = spec.partition(":")
+    count, _, action = rest.partition(":")
     if name not in POINTS:
         raise ValueError(f"{ENV}={spec!r}: unknown failpoint {name!r}")
-    return name, int(count or 1)
+    if action not in ("", "stop"):
+        raise ValueError(f"{ENV}={spec!r}: unknown action {action!r} (only 'stop')")
+    return name, int(count or 1), signal.SIGSTOP if action else signal.SIGKILL
 
 
 _armed = _parse(os.environ.get(ENV, ""))
@@ -80,8 +86,8 @@ def _maybe_die(name: str) -> None:
         return
     with _lock:
         _hits += 1
-        if _hits >= _armed[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if _hits == _armed[1] or (_hits > _armed[1] and _armed[2] is signal.SIGKILL):
+            os.kill(os.getpid(), _armed[2])
 
 
 hit = _maybe_die if _armed else _noop

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, wait_for
 from vmhost.client import Client, RpcError
 from vmhost.ids import BLANK_UUID
+from vmhost.lab.lab import Lab
 from vmhost.storage import qemu_img
 from vmhost.storage.metadata import VolumeMetadata
 from vmhost.virt import domxml
@@ -145,3 +146,25 @@ def boot_with_failpoint(lab_dir: str, name: str, point: str) -> None:
     """Restart a lab host whose agent dies (SIGKILL) at failpoint `point`."""
     lab_cli(lab_dir, "poweroff", name)
     lab_cli(lab_dir, "boot", name, "--agent-env", f"VMHOST_FAILPOINT={point}")
+
+
+def agent_pid(lab_dir: str, host: str) -> int:
+    """The pid (outside) of a lab host's agent."""
+    for pid in Lab(lab_dir).pids(host):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"serve" in argv and b"--host-id" in argv:
+            return pid
+    raise AssertionError(f"{host} runs no agent")
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (a `<point>:<n>:stop` failpoint froze it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except FileNotFoundError:
+        return False

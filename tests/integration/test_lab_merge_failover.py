@@ -16,12 +16,15 @@ host1's QEMU still ran, host2's VM.create and Image.reconcileVolumeChain were
 refused and no metadata changed; host1, booted again, has no such VM and
 writes nothing to the image.
 
-A VM paused for a pivot holds no lease (libvirt's sanlock driver releases it on
-pause): at those points host2 is not asked while host1's QEMU lives, and it
-starts the VM right after the power cut, without waiting for lease expiry.
-Known gap (measured, not asserted here): in that window host2's
-Image.reconcileVolumeChain is accepted (it gets the image lease), and its
-VM.create is stopped only by QEMU's own image locking (error 100, not 651).
+A VM paused for a pivot: libvirt's sanlock driver releases QEMU's leases on
+pause, and host1's agent holds the image's lease itself until the pivot marker
+is written (test_lab_pivot_lease.py); an agent that dies loses it (sanlock
+releases a dead process's leases). So at those points host2 is not asked while
+host1's QEMU lives, and it starts the VM right after the power cut, without
+waiting for lease expiry. Remaining gap (not asserted here): while host1's
+agent is dead and its QEMU paused, host2's Image.reconcileVolumeChain is
+accepted (before the marker it changes nothing), and its VM.create is stopped
+only by QEMU's own image locking (error 100, not 651).
 """
 from __future__ import annotations
 

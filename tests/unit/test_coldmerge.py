@@ -11,7 +11,7 @@ import pytest
 
 from vmhost import errors, failpoints
 from vmhost.ids import BLANK_UUID
-from vmhost.scheduler import DONE, Blocked, Retry
+from vmhost.scheduler import DONE, Blocked, Retry, Wait
 from vmhost.storage import qemu_img
 from vmhost.storage.coldmerge import ColdMerger, Phase
 from vmhost.storage.metadata import Legality, VolType
@@ -307,6 +307,62 @@ def test_a_record_of_another_host_holds_the_image_and_is_not_taken_over(root):
     assert other.merger.get_jobs() == {}
     assert os.listdir(other.jobs_dir()) == [f"{job}.json"]
     other.storage.stop()
+
+
+def _shared(rig: Rig, lease: dict) -> None:
+    """The rig's domain as a shared one: the image lease is `lease["free"]` or held
+    by another host; lease["held"] says whether this agent holds it."""
+    def hold(sd, img):
+        if not lease["held"] and not lease["free"]:
+            raise errors.AcquireLockFailure(f"image {img}: held by another host")
+        lease["held"] = True
+
+    def release(sd, img):
+        lease["held"] = False
+    rig.storage.is_shared = lambda sd: True
+    rig.storage.hold_image, rig.storage.release_image = hold, release
+
+
+def test_a_record_of_another_host_is_taken_over_under_the_image_lease(root):
+    rig = Rig(root)
+    img, vols, ref = build(rig)
+    gen0 = rig.md(img, vols[0]).generation
+    job = U()
+    rig.merger.merge(job, subchain(rig, img, vols[0], vols[1]))   # its host dies
+    other = rig.restart(host=U())
+    lease = {"free": False, "held": False}
+    _shared(other, lease)
+    other.merger.resume()
+    scan = other.scheduler.items.pop(f"coldmerge-scan/{other.sd}")
+    assert isinstance(scan(), Wait)          # the dead host's lease lives: looked at again
+    assert other.merger.get_jobs() == {} and not other.scheduler.items
+    lease["free"] = True                     # expired
+    assert isinstance(scan(), Wait)
+    assert lease["held"] and other.merger.get_jobs()[job]["status"] == "running"
+    other.scheduler.drain()
+    assert other.merger.get_jobs()[job]["status"] == "done" and not lease["held"]
+    assert_merged(other, img, vols, ref, vols[0], vols[1], gen0)
+    other.storage.stop()
+
+
+def test_a_job_another_host_finished_meanwhile_ends_done_without_touching_anything(root):
+    rig = Rig(root)
+    img, vols, ref = build(rig)
+    gen0 = rig.md(img, vols[0]).generation
+    job = U()
+    rig.merger.merge(job, subchain(rig, img, vols[0], vols[1]))
+    other = Rig(root, rig.sd, host=U())      # another host, on the same domain
+    _shared(other, {"free": True, "held": False})
+    other.merger.resume()
+    other.scheduler.items.pop(f"coldmerge-scan/{other.sd}")()
+    other.scheduler.drain()                  # host2 finished it while host1 waited
+    before = {v: rig.md(img, v) for v in vols}
+    rig.scheduler.drain()
+    assert rig.merger.get_jobs()[job]["status"] == "done"
+    assert {v: rig.md(img, v) for v in vols} == before
+    assert_merged(rig, img, vols, ref, vols[0], vols[1], gen0)
+    other.storage.stop()
+    rig.storage.stop()
 
 
 KINDS = {"internal": (0, 1), "leaf": (1, 2)}

@@ -111,6 +111,8 @@ class FakeStorage:
         self.fail = False
         self.capacity = {v: 1 << 20 for v in chain}
         self.shared: set[str] = set()
+        self.held = False
+        self.refuse_lease = False
 
     def volume_info(self, sd, img, vol):
         return {"voltype": "SHARED" if vol in self.shared else "LEAF",
@@ -127,6 +129,20 @@ class FakeStorage:
 
     def finish_merge(self, sd, img, base, merged, capacity, base_is_leaf):
         self.log.append(("finish", base, list(merged), capacity, base_is_leaf))
+
+    # The image lease the agent holds while the VM is paused (logged when taken
+    # and given back); `refuse_lease` stands for another host holding it.
+    def hold_image(self, sd, img):
+        if self.refuse_lease:
+            raise errors.AcquireLockFailure(f"image {img}: held by another host")
+        if not self.held:
+            self.log.append(("hold",))
+        self.held = True
+
+    def release_image(self, sd, img):
+        if self.held:
+            self.log.append(("release",))
+        self.held = False
 
 
 class FakeRepairs:
@@ -507,3 +523,53 @@ def test_no_such_domain_during_a_step_is_the_vm_going_down(world):
     assert world.step(job) is DONE
     assert job not in world.vm.definition.jobs and world.vm.status == "Down"
     assert job in world.repairs.started
+
+
+def test_the_agent_holds_the_image_lease_while_the_vm_is_paused_for_the_pivot(world):
+    """libvirt gives QEMU's leases up at the pause: the agent holds the image's
+    from right after the suspend until the marker is written, and gives it back
+    before the resume (libvirt takes it again for QEMU then)."""
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3])
+    world.dom.progress(100, ready=True)
+    assert world.step(job) is DONE
+    order = [e[0] if e[0] != "blockJobAbort" else "pivot" for e in world.log
+             if e[0] in ("suspend", "hold", "blockJobAbort", "sync", "release", "resume")]
+    assert order == ["suspend", "hold", "pivot", "sync", "release", "resume"]
+    assert not world.storage.held
+
+
+def test_a_lease_taken_by_another_host_during_the_pause_means_no_pivot(world):
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3])
+    world.dom.progress(100, ready=True)
+    world.storage.refuse_lease = True
+    outcome = world.step(job)
+    assert isinstance(outcome, Retry) and "held by another host" in outcome.reason
+    assert world.state(job) == "READY" and world.dom.running
+    assert not [e for e in world.log if e[0] in ("blockJobAbort", "sync")]
+    assert world.dom.chain == c
+    world.storage.refuse_lease = False           # the other host is done: retried
+    assert world.step(job) is DONE
+    assert world.vm.definition.drives[0].volume_ids() == [c[0], c[1]]
+
+
+def test_recovery_of_a_vm_paused_after_the_pivot_takes_the_lease_for_the_marker(world):
+    """The agent died after the pivot (sanlock released its hold): the restarted
+    agent takes the lease again before the marker; while it cannot, the VM
+    stays paused."""
+    c = world.chain
+    job = world.merger.merge(world.vm, world.spec, base=c[1], top=c[3])
+    world.dom.progress(100, ready=True)
+    rec = world.vm.definition.jobs[job]
+    rec.update(state="PIVOT", paused_for_pivot=True)
+    world.dom.suspend()
+    world.dom.finish()                             # pivoted; then the agent died
+    world.storage.refuse_lease = True
+    assert isinstance(world.step(job), Retry)
+    assert world.state(job) == "CLEANUP" and not world.dom.running
+    assert not [e for e in world.log if e[0] == "sync"]
+    world.storage.refuse_lease = False
+    assert world.step(job) is DONE
+    order = [e[0] for e in world.log if e[0] in ("hold", "sync", "release", "resume")]
+    assert order == ["hold", "sync", "release", "resume"]

@@ -111,6 +111,14 @@ class DomainJobStore(Generic[R]):
             fsync_dir(os.path.dirname(directory))
         atomic_write(self.path(dom, job.id), json.dumps(job.to_record()).encode())
 
+    def get(self, dom: "StorageDomain", job_id: str) -> R | None:
+        """The job's record as the domain holds it now; None once it is gone."""
+        try:
+            with open(self.path(dom, job_id), "rb") as f:
+                return self.kind.from_record(json.load(f))
+        except FileNotFoundError:
+            return None
+
     def remove(self, dom: "StorageDomain", job_id: str) -> None:
         unlink_durable(self.path(dom, job_id))
 

@@ -48,8 +48,18 @@ the job until it is (vmhost.scheduler).
 Ownership: while its record exists the job owns the image: no VM of this
 host starts on it, no volume of it is created or deleted (StorageService
 .image_job reads the records, so this holds before the start-up scan and
-for other hosts' records too), no second job is accepted. Records of another host are left
-alone: finishing them needs the image's lease (see `_may_take_over`).
+for other hosts' records too), no second job is accepted.
+
+The fleet (a shared, posixfs domain): the job runs holding the image's lease
+(taken before the record is written, given back when the job ends), so no VM
+runs the image anywhere meanwhile and only one host runs the job. Before
+every phase the job makes sure it still holds the lease and re-reads its
+record: a record another host advanced is followed, a record gone means
+another host finished the job. A record of another host is left alone until
+this host gets the image's lease: at once if that host's agent died (sanlock
+releases a dead process's leases), after its lease expired if the host died;
+the domain's records are scanned again every `takeover_interval` for that.
+On a local domain records of another host are never taken over.
 
 Reporting: Host.getJobs shows each job as VDSM's HostJobInfo; finished jobs
 stay listed for `keep_seconds` (at most `keep_max` of them), in memory
@@ -71,7 +81,7 @@ from vmhost.jobs.record import Record
 from vmhost.jobs.report import ABORTED, DONE as DONE_, FAILED, RUNNING, HostJobs
 from vmhost.jobs.runner import run_steps
 from vmhost.jobs.store import DomainJobStore
-from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler
+from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.storage import executor, qemu_img
 from vmhost.storage.domain import StorageDomain
 from vmhost.storage.image import Image
@@ -94,6 +104,13 @@ ABORTABLE = {Phase.PREPARE, Phase.COMMIT}     # before the commit completed
 
 class Fenced(Exception):
     """The base's GEN moved under the job: someone else owns the outcome."""
+
+
+class FinishedElsewhere(Exception):
+    """The job's record left the domain: another host ended the job."""
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclasses.dataclass
@@ -130,6 +147,11 @@ class ColdMergeJob(Record):
 
 class ColdMergeStorage(Protocol):
     def domain(self, sd_uuid: str) -> StorageDomain: ...
+    def is_shared(self, sd_uuid: str) -> bool: ...
+    # The image's lease held by this agent (no-op on a local domain; 651
+    # while another host holds it).
+    def hold_image(self, sd_uuid: str, img_uuid: str) -> None: ...
+    def release_image(self, sd_uuid: str, img_uuid: str) -> None: ...
     def domain_valid(self, sd_uuid: str) -> bool: ...
     def repo_stats(self, domains: list[str] | None = None) -> dict: ...
     def run_on_domain(self, sd_uuid: str, what: str, fn: Callable, timeout: float | None = None): ...
@@ -146,7 +168,7 @@ class ColdMerger:
     def __init__(self, storage: ColdMergeStorage, scheduler: Scheduler, host_id: str,
                  vm_in_use: VmInUse = lambda sd, img, vol: False,
                  commit_timeout: float = 6 * 3600.0, keep_seconds: float = 3600.0,
-                 keep_max: int = 100):
+                 keep_max: int = 100, takeover_interval: float = 10.0):
         self._storage = storage
         self._scheduler = scheduler
         self._host_id = host_id
@@ -158,6 +180,7 @@ class ColdMerger:
         self._reports = HostJobs(JOB_TYPE, errors.MergeFailed.code, keep_seconds, keep_max,
                                  lock=self._lock)
         self._records = DomainJobStore(ColdMergeJob)
+        self._takeover_interval = takeover_interval
         self._live: dict[str, ColdMergeJob] = {}             # job id -> running job
         self._images: dict[tuple[str, str], str] = {}        # (sd, img) -> job id holding it
         self._aborting: set[str] = set()
@@ -183,6 +206,7 @@ class ColdMerger:
             self._images[(sd, img)] = job_id
             self._reports.add(job_id, f"cold merge of {top} into {base}")
         try:
+            self._storage.hold_image(sd, img)      # before the record: see Ownership
             job = self._storage.run_on_domain(
                 sd, f"cold merge {job_id}: create",
                 lambda: self._create(job_id, sd, img, base, top, want_gen))
@@ -190,6 +214,7 @@ class ColdMerger:
             with self._lock:
                 del self._images[(sd, img)]
                 self._reports.discard(job_id)
+            self._storage.release_image(sd, img)
             raise
         with self._lock:
             self._live[job_id] = job
@@ -239,9 +264,13 @@ class ColdMerger:
         """At agent start: jobs whose records are on a domain resume when
         their domain is VALID."""
         for sd in self._storage.repo_stats():
-            self._scheduler.submit(f"coldmerge-scan/{sd}",
-                                   f"resume the cold merges left on domain {sd}",
-                                   lambda sd=sd: self._scan(sd))
+            self.watch(sd)
+
+    def watch(self, sd: str) -> None:
+        """Scan the domain's job records now (again): ours resume; on a shared domain
+        another host's are taken over once this host gets their image's lease."""
+        self._scheduler.submit(f"coldmerge-scan/{sd}", f"cold merges left on domain {sd}",
+                               lambda: self._scan(sd))
 
     # --- creating a job (on the domain's executor) ----------------------------
 
@@ -277,7 +306,7 @@ class ColdMerger:
         kids = image.children(top)
         if len(kids) > 1:
             raise errors.InvalidParameter(f"volume {top} has several children: {kids}")
-        # Hook for the fleet: take the image's lease here, before the record.
+        # (On a shared domain the caller holds the image's lease now.)
         if executor.remaining(1.0) <= 0:
             # The caller was told this failed (a slow domain): no record now,
             # or a job it believes refused would run after the next start.
@@ -302,11 +331,12 @@ class ColdMerger:
         except Exception as e:
             return Retry(f"listing job records on domain {sd} failed: {e}")
         for job in found:
-            if not self._may_take_over(job):
-                continue
             with self._lock:
                 if job.id in self._live:
                     continue
+            if not self._may_take_over(job):
+                continue
+            with self._lock:
                 self._live[job.id] = job
                 self._images[(job.domain, job.image)] = job.id
                 self._reports.discard(job.id)     # (an ended run of it, if listed)
@@ -314,16 +344,28 @@ class ColdMerger:
                                   status=RUNNING)
             log.info("cold merge %s: resuming in phase %s", job.id, job.phase.value)
             self._submit(job)
+        if self._storage.is_shared(sd):
+            return Wait(self._takeover_interval)   # other hosts' jobs may need us later
         return DONE
 
     def _may_take_over(self, job: ColdMergeJob) -> bool:
-        """Our own jobs resume. Another host's job is finished only under the
-        image's lease (the fleet's work): until then it is left alone."""
+        """Our own jobs resume. Another host's job is finished only on a shared
+        domain and under the image's lease: until this host gets it (the other
+        host's agent or the host itself died), it is left alone."""
         if job.owner == self._host_id:
             return True
-        log.warning("cold merge %s on image %s belongs to host %s; not taken over without "
-                    "the image's lease", job.id, job.image, job.host)
-        return False
+        if not self._storage.is_shared(job.domain):
+            log.warning("cold merge %s on image %s belongs to host %s; a local domain has "
+                        "no lease to take it over with", job.id, job.image, job.host)
+            return False
+        try:
+            self._storage.hold_image(job.domain, job.image)
+        except errors.VmhostError as e:
+            log.debug("cold merge %s of host %s: not taken over: %s", job.id, job.host, e)
+            return False
+        log.warning("cold merge %s on image %s: host %s left it; this host holds the image's "
+                    "lease and finishes it", job.id, job.image, job.host)
+        return True
 
     # --- running ------------------------------------------------------------
 
@@ -350,14 +392,21 @@ class ColdMerger:
         """One phase; None when the job went on to its next phase."""
         if not self._storage.domain_valid(job.domain):
             return self._blocked(job.domain)
-        phase = job.phase
+        try:     # held since the record was written; again after an agent restart
+            self._storage.hold_image(job.domain, job.image)
+        except errors.VmhostError as e:
+            return Retry(f"cold merge {job.id} waits for the lease of image {job.image}: {e}")
         if self._abort_requested(job):
             return self._aborted(job)
         try:
             finished = self._storage.run_on_domain(
-                job.domain, f"cold merge {job.id}: {phase.value}",
-                lambda: self._STEPS[phase](self, job),
-                timeout=self._commit_timeout if phase is Phase.COMMIT else None)
+                job.domain, f"cold merge {job.id}: {job.phase.value}",
+                lambda: self._current_phase(job),
+                timeout=self._commit_timeout if job.phase is Phase.COMMIT else None)
+        except FinishedElsewhere as e:
+            log.info("cold merge %s: %s", job.id, e)
+            self._end(job, e.status, "" if e.status == DONE_ else str(e))
+            return DONE
         except Fenced as e:
             # The fencer owns the image now: our record must not hold it.
             self._drop_record(job)
@@ -368,6 +417,7 @@ class ColdMerger:
         except errors.StorageDomainUnavailable as e:
             return Retry(str(e))
         except Exception as e:
+            phase = job.phase
             if phase in (Phase.PREPARE, Phase.COMMIT) and not _transient(e):
                 log.error("cold merge %s failed in %s: %s", job.id, phase.value, e)
                 self._drop_record(job)
@@ -391,6 +441,7 @@ class ColdMerger:
         return DONE
 
     def _end(self, job: ColdMergeJob, status: str, error: str) -> None:
+        self._storage.release_image(job.domain, job.image)
         with self._lock:
             self._aborting.discard(job.id)
             self._live.pop(job.id, None)
@@ -419,6 +470,21 @@ class ColdMerger:
         self._reports.progress(job_id, percent)
 
     # --- the phases (on the domain's executor); True when the job is done ---
+
+    def _current_phase(self, job: ColdMergeJob) -> bool:
+        """The job's current phase, as its record on the domain says now (read under
+        the image's lease: another host may have advanced it, or ended the job)."""
+        dom = self._storage.domain(job.domain)
+        record = self._records.get(dom, job.id)
+        if record is None:
+            base = dom.read_metadata(job.image, job.base)
+            if base.generation == job.generation + 1:
+                raise FinishedElsewhere(DONE_, "done by another host (its record is gone, "
+                                               "the base's GEN moved on)")
+            raise FinishedElsewhere(FAILED, "ended by another host (its record is gone, the "
+                                            "base unchanged)")
+        job.phase = record.phase
+        return self._STEPS[job.phase](self, job)
 
     def _step_prepare(self, job: ColdMergeJob) -> bool:
         dom, base = self._check_fence(job)

@@ -18,6 +18,7 @@ writes them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -189,16 +190,34 @@ class PosixStorageDomain(FileStorageDomain):
     def image_lease(self, img: str, host_id: int):
         """Hold the image's lease (a VM running the image holds it through its QEMU), so
         that only one host at a time changes the image's volumes and metadata."""
+        held = self.acquire_image_lease(img, host_id)
+        try:
+            yield
+        finally:
+            self.release_image_lease(held)
+
+    def acquire_image_lease(self, img: str, host_id: int) -> sanlock.Held:
+        """The image's lease, held by this process until release_image_lease (or its
+        death: sanlock then releases it). 651 while another host holds it."""
         offset = self.create_lease(img)
         self.check_free(img, offset, host_id)
         try:
-            with sanlock.holding(self.uuid, img, self.xleases_path, offset):
-                yield
+            return sanlock.acquire(self.uuid, img, self.xleases_path, offset)
         except sanlock.SanlockError as e:
             if e.errno in sanlock.CONTENDED:
                 raise errors.AcquireLockFailure(
                     f"image {img}: its lease is held by another host: {e}") from None
+            if e.errno == errno.EEXIST:
+                raise errors.VolumeIsBusy(f"image {img}: its lease is held by another process "
+                                          f"of this host (a VM running the image): {e}") from None
             raise errors.GeneralError(f"image {img} lease on {self.uuid}: {e}") from None
+
+    def release_image_lease(self, held: sanlock.Held) -> None:
+        try:
+            sanlock.release(held)
+        except sanlock.SanlockError as e:
+            raise errors.GeneralError(f"image {held.resource} lease on {self.uuid}: {e}") \
+                from None
 
     def _index(self, call, lease_id: str, *args):
         """One index operation; the daemon holds the index's own paxos lease meanwhile,

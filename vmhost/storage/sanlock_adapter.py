@@ -11,6 +11,7 @@ UUIDs (36). Failures raise SanlockError with sanlock's errno and message.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import subprocess
@@ -162,19 +163,55 @@ def host_state(lockspace: str, host_id: int) -> tuple[str, int]:
     return names.get(hosts[0]["flags"], "unknown"), int(hosts[0].get("io_timeout", 0))
 
 
-@contextlib.contextmanager
-def holding(lockspace: str, resource: str, path: str, offset: int):
-    """Hold a resource lease for the duration of the block, as this process (the
-    daemon releases it if the process dies). Raises SanlockError: CONTENDED while
-    a live host holds it; while the holder's host is dead but not yet expired,
-    sanlock waits inside the acquire."""
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A resource lease this process holds through its own registration (fd)."""
+    fd: int
+    lockspace: str
+    resource: str
+    path: str
+    offset: int
+
+
+def acquire(lockspace: str, resource: str, path: str, offset: int) -> Held:
+    """Hold a resource lease as this process until release(): the daemon releases
+    it by itself when the registration's fd closes (the process died). Raises
+    SanlockError: CONTENDED while a live host holds it; while the holder's host
+    is dead but not yet expired, sanlock waits inside the acquire."""
     fd = _call(lambda s: s.register)
     try:
-        disks = [(path, offset)]
-        _call(lambda s: s.acquire, lockspace.encode(), resource.encode(), disks, slkfd=fd)
-        try:
-            yield
-        finally:
-            _call(lambda s: s.release, lockspace.encode(), resource.encode(), disks, slkfd=fd)
-    finally:
+        _call(lambda s: s.acquire, lockspace.encode(), resource.encode(), [(path, offset)],
+              slkfd=fd)
+    except BaseException:
         os.close(fd)
+        raise
+    return Held(fd, lockspace, resource, path, offset)
+
+
+def release(held: Held) -> None:
+    try:
+        _call(lambda s: s.release, held.lockspace.encode(), held.resource.encode(),
+              [(held.path, held.offset)], slkfd=held.fd)
+    finally:
+        os.close(held.fd)      # released anyway once the daemon sees the fd closed
+
+
+def still_held(held: Held) -> bool:
+    """Whether the daemon says this registration still holds the lease (no storage
+    access): not after a daemon restart, nor once sanlock took it away."""
+    try:
+        resources = _call(lambda s: s.inquire, slkfd=held.fd)
+    except SanlockError:
+        return False
+    return any(r.get("lockspace") == held.lockspace.encode() and
+               r.get("resource") == held.resource.encode() for r in resources)
+
+
+@contextlib.contextmanager
+def holding(lockspace: str, resource: str, path: str, offset: int):
+    """Hold a resource lease for the duration of the block (see acquire)."""
+    held = acquire(lockspace, resource, path, offset)
+    try:
+        yield
+    finally:
+        release(held)

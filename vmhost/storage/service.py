@@ -24,7 +24,7 @@ from vmhost import errors
 from vmhost.fsutil import atomic_write
 from vmhost.ids import BLANK_UUID, check_uuid
 from vmhost.refs import PreparedImage, VolumeRef
-from vmhost.storage import executor, qemu_img
+from vmhost.storage import executor, qemu_img, sanlock_adapter as sanlock
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
@@ -79,6 +79,8 @@ class StorageService:
         self._lock = threading.Lock()
         # image -> [lock, users]: an entry lives only while someone uses it.
         self._image_locks: dict[tuple[str, str], list] = {}
+        # Image leases the agent itself holds for a paused VM (hold_image).
+        self._held: dict[tuple[str, str], sanlock.Held] = {}
         self._domains: dict[str, StorageDomain] = {}
         self._monitors: dict[str, DomainMonitor] = {}
         self._executors: dict[str, executor.DomainExecutor] = {}
@@ -339,6 +341,51 @@ class StorageService:
         self._joined_domain(sd_uuid)
         with dom.image_lease(img_uuid, self._host_id):
             yield
+
+    def hold_image(self, sd_uuid: str, img_uuid: str) -> None:
+        """Hold the image's lease in this agent until release_image. For a VM paused for
+        a pivot: libvirt gave its QEMU's leases up at the pause, and until the pivot's
+        marker is written no other host may change the image or start the VM. A no-op
+        on a local domain, or when held already (asked of sanlock: re-checked before
+        each side effect); 651 while another host holds it. If the agent dies, sanlock
+        releases the lease."""
+        dom = self.domain(sd_uuid)
+        check_uuid(img_uuid, "imageID")
+        if not isinstance(dom, PosixStorageDomain):
+            return
+        key = (sd_uuid, img_uuid)
+        with self._lock:
+            held = self._held.get(key)
+        if held is not None:
+            if sanlock.still_held(held):
+                return
+            log.warning("image %s: this agent's lease on it was lost; taking it again",
+                        img_uuid)
+            self.release_image(sd_uuid, img_uuid)
+        self._joined_domain(sd_uuid)
+
+        def acquire() -> None:
+            held = dom.acquire_image_lease(img_uuid, self._host_id)
+            with self._lock:     # even past the deadline: release_image finds it
+                self._held[key] = held
+        self._run(sd_uuid, f"hold_image({img_uuid})", acquire)
+
+    def release_image(self, sd_uuid: str, img_uuid: str) -> None:
+        """Give up the lease hold_image took (no-op if none), e.g. before the VM resumes:
+        libvirt takes the lease again for QEMU then. Never fails: a release that does
+        not complete closes its sanlock registration, and the daemon releases the
+        lease then (a resume meanwhile fails, and is retried)."""
+        with self._lock:
+            held = self._held.pop((sd_uuid, img_uuid), None)
+        if held is None:
+            return
+        dom = self.domain(sd_uuid)
+        assert isinstance(dom, PosixStorageDomain)
+        try:
+            self._run(sd_uuid, f"release_image({img_uuid})",
+                      lambda: dom.release_image_lease(held))
+        except errors.VmhostError as e:
+            log.warning("image %s: releasing its lease failed: %s", img_uuid, e)
 
     def check_lease_free(self, sd_uuid: str, lease_id: str, offset: int) -> None:
         """651 at once if another host (not known dead) holds the lease."""

@@ -52,6 +52,10 @@ the guest saw completed. Instead the VM is paused for the pivot itself:
                               the base, and the top is ILLEGAL.
 So whatever point QEMU (or the host) dies at, the chain that survives holds
 every acknowledged write. VM.cont is refused while a job holds the VM paused.
+On a shared domain libvirt gives QEMU's leases up at the pause: the agent
+holds the image's lease itself from the pause until the marker is written,
+and gives it back before the resume (libvirt takes it again for QEMU then).
+Another host took it after the pause: no pivot (resume, READY, retry).
 
 Ownership: while a drive has a live job, only the job touches that drive's
 storage metadata (VM.synchronizeDisks skips such a drive). Every job leaves
@@ -210,6 +214,11 @@ class MergeStorage(Protocol):
     def finish_merge(self, sd_uuid: str, img_uuid: str, base: str, merged: list[str],
                      capacity: int, base_is_leaf: bool) -> None: ...
     def domain_valid(self, sd_uuid: str) -> bool: ...
+    # libvirt gives a VM's leases up while it is paused: the agent holds the
+    # image's lease itself from the pause for a pivot until the pivot marker is
+    # written (no-op where there are no leases; 651 if another host has it).
+    def hold_image(self, sd_uuid: str, img_uuid: str) -> None: ...
+    def release_image(self, sd_uuid: str, img_uuid: str) -> None: ...
 
 
 class Repairs(Protocol):
@@ -559,6 +568,24 @@ class Merger:
         if job.paused_for_pivot and _is_running(dom):
             dom.suspend()
             failpoints.hit("merge.pivot.paused")
+        # Paused, QEMU holds no lease: the agent takes the image's, so that no
+        # other host changes the image or starts the VM until the marker is
+        # written. Another host took it meanwhile: no pivot.
+        return _Outside(lambda: self._hold_image(job), self._pivot_leased, State.PIVOT,
+                        f"lease of image {job.image}")
+
+    def _hold_image(self, job: MergeJob) -> str:
+        """'' once the agent holds the image's lease, else why not."""
+        try:
+            self._storage.hold_image(job.domain, job.image)
+            return ""
+        except errors.VmhostError as e:
+            return f"cannot hold the lease of image {job.image}: {e}"
+
+    def _pivot_leased(self, vm: Vm, dom: DomainAdapter, job: MergeJob,
+                      refused: str) -> Outcome | None:
+        if refused:
+            return self._pivot_failed(vm, dom, job, refused)
         mirror = self._live_disk(dom, job.drive).mirror
         if mirror is None or not mirror.ready:
             # READY can blip; with the guest paused the mirror converges at once.
@@ -600,7 +627,10 @@ class Merger:
         return Retry(f"pivot failed: {err}")
 
     def _unpause(self, dom: DomainAdapter, job: MergeJob) -> None:
-        """Resume the VM if this job paused it (the record is persisted by the caller)."""
+        """Resume the VM if this job paused it (the record is persisted by the caller).
+        The agent's hold of the image lease ends first: on resume libvirt takes it
+        again for QEMU (and fails while anyone else holds it)."""
+        self._storage.release_image(job.domain, job.image)
         if job.paused_for_pivot:
             if not _is_running(dom):
                 dom.resume()
@@ -644,8 +674,13 @@ class Merger:
         blocked = self._require_domain(job)
         if blocked:
             return blocked
+        # A paused VM's QEMU holds no lease: the agent holds the image's for the
+        # write (the marker, after a pivot); until it gets it the VM stays paused.
+        leased = not _is_running(dom)
 
         def sync() -> None:
+            if leased:
+                self._storage.hold_image(job.domain, job.image)
             failpoints.hit("merge.cleanup.storage_sync.before")
             self._storage.sync_volume_chain(job.domain, job.image, job.leaf, chain)
             failpoints.hit("merge.cleanup.storage_sync.after")
@@ -654,6 +689,7 @@ class Merger:
 
     def _cleanup_synced(self, vm: Vm, dom: DomainAdapter, job: MergeJob,
                         chain: list[str]) -> Outcome | _Outside:
+        self._storage.release_image(job.domain, job.image)   # the chain is synced
         if job.paused_for_pivot:
             # The old top is marked ILLEGAL now: the guest may write to the base.
             self._unpause(dom, job)
@@ -715,6 +751,7 @@ class Merger:
             return DONE
         if job is None:
             return DONE
+        self._storage.release_image(job.domain, job.image)   # if the pivot held it
         if not self.repairs.has(job.id):
             self.repairs.intend(job.repair(vm.id))
         self.repairs.start(job.id, reason)
