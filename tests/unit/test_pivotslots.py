@@ -71,3 +71,10 @@ def test_failed_pivot_gives_the_slot_back(world):  # noqa: F811
     world.step(job)
     assert world.state(job) == "READY" and world.dom.running
     assert slots.holders() == set()
+
+
+def test_the_setting_wants_at_least_one_slot():
+    from vmhost import config
+    assert config.from_dict({"pivot_slots": 3}).validate().pivot_slots == 3
+    with pytest.raises(config.ConfigError, match="pivot_slots"):
+        config.from_dict({"pivot_slots": 0}).validate()
