@@ -364,14 +364,18 @@ def test_shipped_schema_is_read_through_a_json_cache_named_by_its_digest():
             os.unlink(cache)
 
 
-def test_agent_start_imports_neither_yaml_nor_jsonschema():
+def test_agent_start_imports_neither_yaml_nor_jsonschema_nor_cryptography():
     """Start-up cost: the schema comes from its JSON cache, validators are
-    built on first use (a subprocess: this test process imported both)."""
+    built on first use, cryptography only with TLS (a subprocess: this test
+    process imported all three)."""
     import subprocess
     import sys
-    code = ("import sys, vmhost.agent; from vmhost.api.schema import load_schema; "
+    code = ("import sys, vmhost.agent, vmhost.cli.main; from vmhost.api import tls; "
+            "from vmhost.api.schema import load_schema; "
+            "tls.check_listen('127.0.0.1', False, False); "
+            "tls.server_context_or_none(None, None, None); "
             "load_schema().validate('Host.getVMList', {}); "
-            "print(sorted(m for m in ('yaml', 'jsonschema') if m in sys.modules))")
+            "print(sorted(m for m in ('yaml', 'jsonschema', 'cryptography') if m in sys.modules))")
     for _ in range(2):   # the first run may write the cache
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              check=True).stdout
