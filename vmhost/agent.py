@@ -89,6 +89,7 @@ class Agent:
             merge_config=MergeConfig(poll_interval=config.job_poll_interval,
                                      pivot_budget=config.pivot_budget,
                                      pivot_timeout=config.pivot_timeout,
+                                     pivot_slots=config.pivot_slots,
                                      final_entry_ttl=config.final_job_ttl),
             publish=self.events.publish, host_id=self.agent_id,
             history=JobHistory(os.path.join(config.state_dir, "job-history.json"),

@@ -49,6 +49,7 @@ class Config:
     block_job_events: bool = True            # poll at once on libvirt's BLOCK_JOB_2 event
     pivot_budget: float = 300.0              # seconds of failing pivots before a merge is aborted
     pivot_timeout: float = 10.0              # seconds to wait for the live XML after a pivot
+    pivot_slots: int = 2                     # VMs paused for a pivot at once (virt/pivotslots.py)
     final_job_ttl: float = 10.0              # seconds a finished job stays in vmJobs once shown
     job_history_size: int = 1000             # finished jobs kept for Host.getJobHistory
     job_history_ttl: float = 7 * 86400.0     # seconds a finished job is kept
@@ -88,6 +89,8 @@ class Config:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"{f.name} must not be negative, got {value}")
+        if self.pivot_slots < 1:
+            raise ConfigError(f"pivot_slots must be at least 1, got {self.pivot_slots}")
         if self.storage_workers < 1 or self.storage_op_timeout <= 0:
             raise ConfigError("storage_workers must be at least 1 and storage_op_timeout "
                               f"positive, got {self.storage_workers} and {self.storage_op_timeout}")

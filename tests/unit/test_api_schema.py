@@ -339,3 +339,44 @@ def test_schema_from_yaml():
 def test_malformed_schema_is_refused_at_load(broken, message):
     with pytest.raises(SchemaError, match=message.replace("[", r"\[").replace("]", r"\]")):
         Schema.from_yaml(broken)
+
+
+def test_shipped_schema_is_read_through_a_json_cache_named_by_its_digest():
+    import os
+
+    from vmhost.api import schema as mod
+    text = "verbs:\n  Host.ping:\n    description: cache test\n    params: {}\n"
+    digest = mod.hashlib.sha256(text.encode()).hexdigest()[:20]
+    cache = os.path.join(os.path.dirname(mod.__file__), "__pycache__", f"schema.{digest}.json")
+    try:
+        assert mod._shipped_document(text) == yaml.safe_load(text)   # parsed, then cached
+        with open(cache) as f:
+            assert "cache test" in f.read()
+        with open(cache, "w") as f:
+            f.write('{"verbs": {"Host.ping": {"description": "from the cache"}}}')
+        assert mod._shipped_document(text)["verbs"]["Host.ping"]["description"] == \
+            "from the cache"
+        with open(cache, "w") as f:
+            f.write("{not json")                                      # torn: the YAML wins
+        assert mod._shipped_document(text) == yaml.safe_load(text)
+    finally:
+        if os.path.exists(cache):
+            os.unlink(cache)
+
+
+def test_agent_start_imports_neither_yaml_nor_jsonschema_nor_cryptography():
+    """Start-up cost: the schema comes from its JSON cache, validators are
+    built on first use, cryptography only with TLS (a subprocess: this test
+    process imported all three)."""
+    import subprocess
+    import sys
+    code = ("import sys, vmhost.agent, vmhost.cli.main; from vmhost.api import tls; "
+            "from vmhost.api.schema import load_schema; "
+            "tls.check_listen('127.0.0.1', False, False); "
+            "tls.server_context_or_none(None, None, None); "
+            "load_schema().validate('Host.getVMList', {}); "
+            "print(sorted(m for m in ('yaml', 'jsonschema', 'cryptography') if m in sys.modules))")
+    for _ in range(2):   # the first run may write the cache
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+    assert out.strip() == "[]"

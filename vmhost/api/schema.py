@@ -8,17 +8,26 @@ offending field by its path (e.g. ``vmParams.devices[0].imageID``).
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.resources
 import json
+import logging
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import jsonschema.validators
-import yaml
-from jsonschema.exceptions import ValidationError
+from vmhost.fsutil import atomic_write
+
+if TYPE_CHECKING:
+    from jsonschema.exceptions import ValidationError
+
+# jsonschema is imported on the first validation, not at start-up: it is a
+# quarter of the agent's imports (~80 ms before the API can answer), and the
+# calls that arrive first (Host.getVMList, getAllVmStats) take no parameters.
+
+log = logging.getLogger(__name__)
 
 _VERB_NAME = re.compile(r"^[A-Z][A-Za-z]*\.[a-z][A-Za-z0-9]*$")  # Host.ping2 has a digit
 _SHOW_LIMIT = 60  # never echo a huge value back into an error message
@@ -67,8 +76,9 @@ class Schema:
         # verb's first use. The shipped schema skips it (`check=False`, ~40 ms
         # of every agent start): a unit test runs it on every change instead.
         if check:
+            import jsonschema
             try:
-                _Validator.check_schema({"$defs": self._defs, "properties": schemas})
+                _validator_class().check_schema({"$defs": self._defs, "properties": schemas})
             except jsonschema.SchemaError as e:
                 path = list(e.absolute_path)
                 where = path[1] if len(path) > 1 and path[0] == "properties" else "$defs"
@@ -77,7 +87,7 @@ class Schema:
 
     @classmethod
     def from_yaml(cls, text: str, check: bool = True) -> Schema:
-        return cls(yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)), check)
+        return cls(_parse_yaml(text), check)
 
     def verbs(self) -> list[str]:
         return sorted(self._specs)
@@ -96,11 +106,13 @@ class Schema:
 
     def validate(self, verb: str, params: Any) -> None:
         """Raise InvalidParams (naming the field) unless params fit `verb`."""
+        if params == {} and verb in self._schemas and not self._schemas[verb]["required"]:
+            return   # no parameters where none is required: valid, and no validator needed
         validator = self._validators.get(verb)
         if validator is None:
             if verb not in self._schemas:
                 raise UnknownVerb(verb)
-            validator = self._validators[verb] = _Validator(
+            validator = self._validators[verb] = _validator_class()(
                 {"$defs": self._defs, **self._schemas[verb]})
         # iter_errors yields in schema order; the first error is enough for
         # the caller to fix, and keeps the message short.
@@ -126,11 +138,44 @@ class Schema:
 def load_schema() -> Schema:
     """The schema shipped with vmhost, parsed once per process; its
     meta-schema check is tests/unit/test_api_schema.py's job, not every start's."""
-    return Schema.from_yaml(shipped_schema_text(), check=False)
+    return Schema(_shipped_document(shipped_schema_text()), check=False)
 
 
 def shipped_schema_text() -> str:
     return importlib.resources.files("vmhost.api").joinpath("schema.yaml").read_text("utf-8")
+
+
+def _parse_yaml(text: str) -> Any:
+    import yaml   # here: the agent's start reads the cached JSON, and never needs it
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
+def _not_json(value: Any) -> str:
+    return f"<not JSON: {type(value).__name__}>"   # never equal: the YAML is used
+
+
+def _shipped_document(text: str) -> Any:
+    """schema.yaml parsed, through a JSON copy in __pycache__ named by the
+    YAML's digest (as Python caches bytecode): a JSON read instead of
+    importing PyYAML and parsing (~30 ms of every agent start). Any trouble
+    with the cache falls back to the YAML."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+    cache = os.path.join(os.path.dirname(__file__), "__pycache__", f"schema.{digest}.json")
+    try:
+        with open(cache, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    document = _parse_yaml(text)
+    data = json.dumps(document, separators=(",", ":"), default=_not_json)
+    if json.loads(data) != document:   # e.g. an integer key: JSON would change it
+        return document
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        atomic_write(cache, data.encode())
+    except OSError as e:   # a read-only install: parsed at each start
+        log.debug("cannot cache the API schema as %s: %s", cache, e)
+    return document
 
 
 def _parse_verb(name: str, entry: Mapping[str, Any]) -> VerbSpec:
@@ -177,14 +222,18 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Iterable[ValidationError]:
     if validator.is_type(instance, "string") and not _compile(pattern).search(instance):
+        from jsonschema.exceptions import ValidationError
         yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
-_Validator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    validators={"pattern": _pattern},
-    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
-)
+@functools.cache
+def _validator_class() -> Any:
+    """Our dialect of Draft 2020-12, built (and jsonschema imported) on first use."""
+    import jsonschema.validators
+    base = jsonschema.validators.Draft202012Validator
+    return jsonschema.validators.extend(
+        base, validators={"pattern": _pattern},
+        type_checker=base.TYPE_CHECKER.redefine("integer", _is_integer))
 
 
 # --- messages ---------------------------------------------------------------

@@ -18,10 +18,13 @@ import datetime
 import ipaddress
 import logging
 import ssl
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# cryptography is imported where a certificate or key is read, not with this
+# module: `vmhost serve` without TLS never needs it (~70-100 ms of every start).
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,7 @@ def _read(path: str, what: str) -> bytes:
 
 
 def _certificates(path: str, what: str) -> list[x509.Certificate]:
+    from cryptography import x509
     data = _read(path, what)
     try:
         certificates = x509.load_pem_x509_certificates(data)
@@ -128,6 +132,8 @@ def _certificates(path: str, what: str) -> list[x509.Certificate]:
 
 
 def _load_chain(context: ssl.SSLContext, cert: str, key: str | None, role: str) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
     what = f"TLS {role} certificate"
     leaf = _certificates(cert, what)[0]
     if key is not None:
@@ -179,5 +185,6 @@ def _validity(certificate: x509.Certificate) -> tuple[datetime.datetime, datetim
 
 
 def _public_bytes(key: object) -> bytes:
+    from cryptography.hazmat.primitives import serialization
     return key.public_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
                             serialization.PublicFormat.SubjectPublicKeyInfo)

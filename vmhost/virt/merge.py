@@ -93,6 +93,7 @@ from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Schedul
 from vmhost.storage.repairs import ImageRepair
 from vmhost.virt import domxml
 from vmhost.virt.jobhistory import JobHistory
+from vmhost.virt.pivotslots import DEFAULT_SLOTS, PivotSlots
 from vmhost.virt.vm import DOWN, Vm
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class MergeConfig:
     pivot_budget: float = 300.0     # seconds of failing pivots before the job is aborted
     pivot_timeout: float = 10.0     # seconds to wait for the live XML after a pivot
     final_entry_ttl: float = 30.0   # seconds a finished job stays visible once shown
+    pivot_slots: int = DEFAULT_SLOTS  # VMs paused for a pivot at once (vmhost.virt.pivotslots)
 
 
 class Merger:
@@ -269,6 +271,7 @@ class Merger:
         self._store = VmJobStore(MergeJob, persist=lambda vm: self._persist(vm))
         self.report = VmJobsReport(ttl=lambda: self.config.final_entry_ttl)
         self.history = history or JobHistory(None)
+        self.pivot_slots = PivotSlots(self.config.pivot_slots)
 
     # --- API ------------------------------------------------------------
 
@@ -555,6 +558,9 @@ class Merger:
         blocked = self._require_domain(job)
         if blocked:
             return blocked
+        # The slot before the pause: the guest waits for it running.
+        if not self.pivot_slots.take(job.id, lambda: self._scheduler.notify(("vm", vm.id))):
+            return Wait(self.config.poll_interval)
         job.paused_for_pivot = _is_running(dom)
         self._transition(vm, job, State.PIVOT, "pausing the VM for the pivot"
                          if job.paused_for_pivot else "pivot (the VM is already paused)")
@@ -635,6 +641,7 @@ class Merger:
             if not _is_running(dom):
                 dom.resume()
             job.paused_for_pivot = False
+        self.pivot_slots.release(job.id)
 
     def _wait_for_pivot(self, dom: DomainAdapter, job: MergeJob) -> bool:
         """libvirt may return from the pivot before the XML shows it (BZ 1202719)."""
@@ -835,6 +842,7 @@ class Merger:
         self._last_event.pop((vm.id, job.drive), None)
         self._emit(vm, job, old, final, reason)
         self._live.pop(job.id, None)
+        self.pivot_slots.release(job.id)
 
     def _forget(self, vm: Vm, job: MergeJob) -> None:
         self._record_history(vm, job)
