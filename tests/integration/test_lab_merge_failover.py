@@ -137,7 +137,7 @@ def test_host_dies_during_merge_engine_restarts_vm_elsewhere(lab_dir, workdir, p
         lab_cli(lab_dir, "poweroff", "host1")
         cut = time.monotonic()
         params["devices"][0]["volumeID"] = leaf       # the chain the engine knew
-        path = engine_start(hosts[1]["url"], vm, params, sd, img)
+        path = engine_start(hosts[1]["url"], vm, params, sd, img).path
         waited = time.monotonic() - cut
         if running:
             assert 60 <= waited <= 100, f"restarted after {waited:.0f}s"
