@@ -60,6 +60,7 @@ class VmActions:
     sd: str
     storage_root: str
     vm_prefix: str
+    vm: DemoVm | None                 # the VM the story follows
 
     @property
     def client(self) -> Client:

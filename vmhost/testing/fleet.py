@@ -53,10 +53,18 @@ class Restart:
     seconds: float = 0.0             # from the first VM.create to the VM running
 
 
+# How sanlock sees the holder of a lease (vmhost.storage.sanlock_adapter.host_state).
+HOLDER_STATES = {"live": "renewing its host id", "fail": "no longer renewing, not yet dead",
+                 "unknown": "not known yet to this host's sanlock"}
+
+
 def _holder(message: str) -> str:
-    """'host id 1, fail' out of a 651's message, which names the lease's holder."""
+    """'host id 1 (sanlock: fail, ...)' out of a 651's message, which names the holder."""
     found = re.search(r"host id (\d+), (\w+)", message)
-    return f"host id {found[1]}, '{found[2]}' for sanlock" if found else message
+    if not found:
+        return message
+    meaning = HOLDER_STATES.get(found[2])
+    return f"host id {found[1]} (sanlock: {found[2]}" + (f", {meaning})" if meaning else ")")
 
 
 def engine_start(url: str, vm: str, params: dict, sd: str, img: str, timeout: float = 150,
