@@ -39,6 +39,7 @@ from labutil import (MiB, boot_with_failpoint, chain_views, create_volume,  # no
 from scenario import record
 from vmhost.client import Client, RpcError, TransportError
 from vmhost.testing import guestio
+from vmhost.testing.fleet import answers
 
 BANDWIDTH = 1          # MiB/s: the commit of 4 MiB takes seconds
 # (point, kind): make test runs the first internal and the first active case
@@ -56,15 +57,6 @@ CASES = [
 ]
 PARAMS = [pytest.param(p, k, id=f"{k}-{p}", marks=() if i < 2 else pytest.mark.faults)
           for i, (p, k) in enumerate(CASES)]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with Client(url, timeout=2) as c:
-            c.call("Host.ping")
-        return True
-    except (TransportError, RpcError, OSError):
-        return False
 
 
 def _write(dom, writes: list, pattern: int, offset: int, length: int) -> None:
@@ -124,7 +116,7 @@ def test_host_dies_during_merge_engine_restarts_vm_elsewhere(lab_dir, workdir, p
                     jobUUID=str(uuid.uuid4()))
         except TransportError:
             pass                       # the agent died inside VM.merge
-        wait_for(lambda: not _answers(hosts[0]["url"]), 60, f"host1's agent to die at {point}")
+        wait_for(lambda: not answers(hosts[0]["url"]), 60, f"host1's agent to die at {point}")
         running = dom1.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert running or kind == "active", "only a pivot pauses the VM"
         if running:

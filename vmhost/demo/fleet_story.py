@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from vmhost.client import Client, RpcError, TransportError
+from vmhost.client import Client, RpcError
 from vmhost.demo import views
 from vmhost.demo.fleet_stage import FleetStage
 from vmhost.demo.report import Report
@@ -27,7 +27,7 @@ from vmhost.demo.story import copying, percent, views_agree_and_data_reads_back,
 from vmhost.errors import AcquireLockFailure
 from vmhost.storage.sanlock_adapter import host_dead_seconds
 from vmhost.testing import chains, guestio
-from vmhost.testing.fleet import engine_start
+from vmhost.testing.fleet import answers, engine_start
 from vmhost.testing.waiting import wait_for
 
 BANDWIDTH = 1        # MiB/s: the merge copies for a while, host1 dies in the middle of it
@@ -59,21 +59,17 @@ def vm_on_host1(stage: FleetStage, r: Report) -> None:
               f"(chain {vm.names(vm.chain)})")
         write(stage, r, vm, pattern, offset, mib)
     guestio.qemu_io(stage.dom(vm), "vda", "flush")
-    try:
-        with Client(stage.url("host2"), timeout=60) as c:
-            c.call("VM.create", vmID=vm.id, vmParams=_params(stage))
-        r.check(False, "host2 cannot start the VM while host1 runs it", "host2 started it")
-    except RpcError as err:
-        r.check(err.code == AcquireLockFailure.code,
-                f"host2 cannot start the VM while host1 runs it: VM.create refused "
-                f"({err.code}, the lease is held by another host)", str(err))
-
-
-def _params(stage: FleetStage) -> dict:
-    """The VM as the engine knows it: its leaf is the last one the engine saw."""
-    vm = stage.vm
-    return {"vmName": vm.name, "memSize": 64, "devices": [
-        {"device": "disk", "domainID": stage.sd, "imageID": vm.img, "volumeID": vm.chain[-1]}]}
+    with Client(stage.url("host2"), timeout=60) as c:
+        try:
+            c.call("VM.create", vmID=vm.id, vmParams=stage.vm_params(vm))
+            refused = None
+        except RpcError as err:
+            refused = err
+        left = c.call("Host.getVMList")
+    r.check(refused is not None and refused.code == AcquireLockFailure.code and left == [],
+            "host2 cannot start the VM while host1 runs it: VM.create refused (651, the lease "
+            "is held by another host), nothing started on host2",
+            f"{refused or 'host2 started it'}; host2 runs {left}")
 
 
 def power_cut(stage: FleetStage, r: Report) -> None:
@@ -91,16 +87,7 @@ def power_cut(stage: FleetStage, r: Report) -> None:
     stage.cut = time.monotonic()
     r.say(f"vmhost lab poweroff host1 at {percent(entry)}% of the copy: every process of host1 "
           "(QEMU, libvirtd, sanlock, the agent) killed at once")
-    r.check(not _answers(stage.url("host1")), "host1 is gone: its agent does not answer")
-
-
-def _answers(url: str) -> bool:
-    try:
-        with Client(url, timeout=2) as c:
-            c.call("Host.ping")
-        return True
-    except (TransportError, RpcError, OSError):
-        return False
+    r.check(not answers(stage.url("host1")), "host1 is gone: its agent does not answer")
 
 
 def engine_path(stage: FleetStage, r: Report) -> None:
@@ -109,7 +96,7 @@ def engine_path(stage: FleetStage, r: Report) -> None:
     stage.knew = list(vm.chain)
     r.say(f"the engine knows the chain from before the merge: {vm.names(vm.chain)}; "
           "it calls VM.create on host2 until host1's lease is free")
-    restart = engine_start(stage.url("host2"), vm.id, _params(stage), stage.sd, vm.img,
+    restart = engine_start(stage.url("host2"), vm.id, stage.vm_params(vm), stage.sd, vm.img,
                            RESTART_TIMEOUT, say=r.say, label=vm.label)
     stage.restart, stage.failover = restart, time.monotonic() - stage.cut
     if restart.reconciled:

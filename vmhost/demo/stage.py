@@ -82,12 +82,15 @@ class VmActions:
         img = str(uuid.uuid4())
         base = self.create_volume(img)
         vm_id = str(uuid.uuid4())
-        name = f"{self.vm_prefix}{vm_id[:8]}"
-        self.call("VM.create", vmID=vm_id, vmParams={
-            "vmName": name, "memSize": 64,
-            "devices": [{"device": "disk", "domainID": self.sd, "imageID": img,
-                         "volumeID": base}]})
-        return DemoVm(vm_id, name, img, [base], {base: "base"})
+        vm = DemoVm(vm_id, f"{self.vm_prefix}{vm_id[:8]}", img, [base], {base: "base"})
+        self.call("VM.create", vmID=vm.id, vmParams=self.vm_params(vm))
+        return vm
+
+    def vm_params(self, vm: DemoVm) -> dict:
+        """VM.create's vmParams of the VM as an engine knows it: on the leaf vm.chain[-1]."""
+        return {"vmName": vm.name, "memSize": 64, "devices": [
+            {"device": "disk", "domainID": self.sd, "imageID": vm.img,
+             "volumeID": vm.chain[-1]}]}
 
     def dom(self, vm: DemoVm) -> libvirt.virDomain:
         return self.conn.lookupByUUIDString(vm.id)

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 
 from vmhost import errors
-from vmhost.client import Client, RpcError
+from vmhost.client import Client, RpcError, TransportError
 from vmhost.testing.waiting import wait_for
 
 POSIXFS = 6                  # VDSM's domain type number
@@ -19,6 +19,16 @@ RETRY_INTERVAL = 1.0         # seconds between the engine's attempts (each may s
 
 class EngineError(AssertionError):
     """An answer the engine's path does not expect: a failed check for pytest."""
+
+
+def answers(url: str) -> bool:
+    """Whether the agent at `url` answers (a powered-off host's does not)."""
+    try:
+        with Client(url, timeout=2) as c:
+            c.call("Host.ping")
+        return True
+    except (TransportError, RpcError, OSError):
+        return False
 
 
 def wait_acquired(url: str, sd: str, timeout: float = 60) -> None:

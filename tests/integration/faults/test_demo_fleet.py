@@ -6,13 +6,10 @@ the lease (sanlock's host_dead_seconds): run by `make faults`."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT
+from test_demo import run_demo
 from vmhost.failpoints import ENV
 
 pytestmark = pytest.mark.faults
@@ -21,7 +18,7 @@ KEY_LINES = [
     "ok    host2 cannot start the VM while host1 runs it: VM.create refused (651",
     "vmhost lab poweroff host1 at ",
     "ok    host1 is gone: its agent does not answer",
-    "VM.create refused (651): the VM lease is held by host id 1 (sanlock: live",
+    "VM.create refused (651): the VM lease is held by host id 1 (sanlock: fail",
     "VM.create accepted on the leaf ",
     "ok    VM.getStats on host2: no block job",
     "VM.synchronizeDisks: base <- snap1 <- snap2  ->  ",
@@ -36,13 +33,8 @@ KEY_LINES = [
 ]
 
 
-def run_demo(state_dir: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "demo", "--fleet",
-                           "--state-dir", state_dir], cwd=ROOT, capture_output=True, text=True,
-                          timeout=400, env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
-    print(proc.stdout, proc.stderr)
-    return proc, time.monotonic() - started
+def run_fleet_demo(state_dir: str, env: dict | None = None):
+    return run_demo(state_dir, env, flags=("--fleet",), timeout=400)
 
 
 def processes_under(path: str) -> list[str]:
@@ -63,7 +55,7 @@ def processes_under(path: str) -> list[str]:
 def test_demo_fleet_fails_cleanly_then_tells_the_failover(workdir):
     state_dir = os.path.join(workdir, "fleet")
     # host1's agent dies for good as the merge starts (a failpoint in the lab's environment).
-    proc, _ = run_demo(state_dir, {ENV: "merge.blockcommit.before"})
+    proc, _ = run_fleet_demo(state_dir, {ENV: "merge.blockcommit.before"})
     assert proc.returncode == 1
     assert "FAIL  step 3 (power cut) stopped" in proc.stdout
     assert "vmhost lab down: every host stopped" in proc.stdout
@@ -71,7 +63,7 @@ def test_demo_fleet_fails_cleanly_then_tells_the_failover(workdir):
     assert processes_under(state_dir) == []
     assert os.path.isdir(os.path.join(state_dir, "lab", "hosts", "host1", "log"))  # kept
 
-    proc, took = run_demo(state_dir)
+    proc, took = run_fleet_demo(state_dir)
     assert proc.returncode == 0, f"exit {proc.returncode}"
     for line in KEY_LINES:
         assert line in proc.stdout, f"{line!r} not printed"
