@@ -13,7 +13,7 @@ import libvirt
 from vmhost.client import Client
 from vmhost.demo.stage import DemoVm, VmActions
 from vmhost.lab.lab import DEFAULT_IO_TIMEOUT, Lab
-from vmhost.testing.fleet import Restart, shared_domain
+from vmhost.testing.fleet import shared_domain
 
 HOSTS = 2
 
@@ -35,7 +35,6 @@ class FleetStage(VmActions):
         # What the story learns on the way.
         self.cut = 0.0                        # time.monotonic() of host1's power cut
         self.knew: list[str] = []             # the chain the engine knew
-        self.restart: Restart | None = None   # how the engine's path started the VM
         self.failover = 0.0                   # seconds from the cut to the VM running
 
     # --- set-up and clean-up ---------------------------------------------------
