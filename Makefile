@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup host venv demo test faults bench unit integration clean
+.PHONY: setup host venv demo demo-fleet test faults bench unit integration clean
 
 setup: host venv
 
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(VENV)/bin/vmhost demo
+
+# The failover story on `vmhost lab`: host1 loses power mid-merge, host2 runs the VM
+# (about 2 minutes: most of it the wait for host1's VM lease to expire).
+demo-fleet: setup
+	$(VENV)/bin/vmhost demo --fleet
 
 test: setup
 	$(VENV)/bin/pytest -q -rf -m "not faults" tests

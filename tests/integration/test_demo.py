@@ -27,11 +27,13 @@ KEY_LINES = [
 ]
 
 
-def run_demo(state_dir: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+def run_demo(state_dir: str, env: dict | None = None, flags: tuple[str, ...] = (),
+             timeout: float = 240) -> tuple[subprocess.CompletedProcess, float]:
+    """`vmhost demo [flags]` as `make demo` runs it; its output and how long it took."""
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "demo", "--state-dir",
-                           state_dir], cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, **(env or {})})
+    proc = subprocess.run([sys.executable, "-m", "vmhost.cli.main", "demo", *flags,
+                           "--state-dir", state_dir], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
     print(proc.stdout, proc.stderr)
     return proc, time.monotonic() - started
 

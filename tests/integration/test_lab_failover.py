@@ -46,7 +46,7 @@ def test_vm_restarts_on_another_host_once_the_dead_hosts_lease_expires(lab_dir, 
         cut = time.monotonic()
         params["devices"][0]["volumeID"] = top       # the chain the engine knew
         # Until the dead host's lease expires, host2 cannot start the VM: 651 at once.
-        assert engine_start(hosts[1]["url"], vm, params, sd, img) == "create"
+        assert engine_start(hosts[1]["url"], vm, params, sd, img).path == "create"
         waited = time.monotonic() - cut
         assert 60 <= waited <= 100, f"restarted after {waited:.0f}s"
 

@@ -42,6 +42,7 @@ from labutil import (MiB, boot_with_failpoint, chain_views, create_volume,  # no
 from scenario import record
 from vmhost.client import Client, RpcError, TransportError
 from vmhost.testing import guestio
+from vmhost.testing.fleet import answers
 
 BANDWIDTH = 1          # MiB/s: the commit of 4 MiB takes seconds
 # (point, kind): make test runs the first internal and the first active case
@@ -59,15 +60,6 @@ CASES = [
 ]
 PARAMS = [pytest.param(p, k, id=f"{k}-{p}", marks=() if i < 2 else pytest.mark.faults)
           for i, (p, k) in enumerate(CASES)]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with Client(url, timeout=2) as c:
-            c.call("Host.ping")
-        return True
-    except (TransportError, RpcError, OSError):
-        return False
 
 
 def _write(dom, writes: list, pattern: int, offset: int, length: int) -> None:
@@ -127,7 +119,7 @@ def test_host_dies_during_merge_engine_restarts_vm_elsewhere(lab_dir, workdir, p
                     jobUUID=str(uuid.uuid4()))
         except TransportError:
             pass                       # the agent died inside VM.merge
-        wait_for(lambda: not _answers(hosts[0]["url"]), 60, f"host1's agent to die at {point}")
+        wait_for(lambda: not answers(hosts[0]["url"]), 60, f"host1's agent to die at {point}")
         running = dom1.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert running or kind == "active", "only a pivot pauses the VM"
         if running:
@@ -140,7 +132,7 @@ def test_host_dies_during_merge_engine_restarts_vm_elsewhere(lab_dir, workdir, p
         lab_cli(lab_dir, "poweroff", "host1")
         cut = time.monotonic()
         params["devices"][0]["volumeID"] = leaf       # the chain the engine knew
-        path = engine_start(hosts[1]["url"], vm, params, sd, img)
+        path = engine_start(hosts[1]["url"], vm, params, sd, img).path
         waited = time.monotonic() - cut
         if running:
             assert 60 <= waited <= 100, f"restarted after {waited:.0f}s"

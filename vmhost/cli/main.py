@@ -63,8 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     demo = sub.add_parser("demo", help="snapshots, merges, a crash mid-merge, recovery: the whole story")
-    demo.add_argument("--state-dir", default="/var/lib/vmhost-demo")
-    demo.add_argument("--keep", action="store_true", help="leave the VM and volumes")
+    demo.add_argument("--state-dir", help="default /var/lib/vmhost-demo, "
+                      "/var/lib/vmhost-demo-fleet with --fleet")
+    demo.add_argument("--keep", action="store_true",
+                      help="leave the VM and volumes (with --fleet: the lab's hosts running)")
+    demo.add_argument("--fleet", action="store_true",
+                      help="the failover story on a lab of two hosts: one loses power "
+                           "mid-merge, the VM restarts on the other (`vmhost lab`, root)")
     cfg = sub.add_parser("config", help="configuration")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
     _config_flags(cfg_sub.add_parser("show", help="print the effective configuration (TOML)"))
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "demo":
         from vmhost.cli.demo import run_demo
-        return run_demo(args.state_dir, keep=args.keep)
+        return run_demo(args.state_dir, keep=args.keep, fleet=args.fleet)
     if args.command == "pki":
         from vmhost.cli import pki as pkimod
         return pkimod.main(args.pki_args)

@@ -17,11 +17,10 @@ from collections.abc import Iterator
 import libvirt
 
 from vmhost.client import Client
-from vmhost.testing import guestio
+from vmhost.testing import chains, guestio
 from vmhost.testing.agentproc import AgentProcess
 from vmhost.testing.outage import storage_hidden, unhide_all
 from vmhost.testing.volumes import create_volume
-from vmhost.virt import domxml
 
 MiB = 1 << 20
 DISK_SIZE = 128 * MiB
@@ -53,7 +52,83 @@ class DemoVm:
         return " <- ".join(self.label(v) for v in chain)
 
 
-class Stage:
+class VmActions:
+    """What a story does through one host's agent and libvirt: volumes on the
+    storage domain `sd` (under `storage_root`), the VM, snapshots, guest writes,
+    merges. A stage provides `client`, `conn`, `sd`, `storage_root`, `vm_prefix`."""
+    conn: libvirt.virConnect | None
+    sd: str
+    storage_root: str
+    vm_prefix: str
+    vm: DemoVm | None                 # the VM the story follows
+
+    @property
+    def client(self) -> Client:
+        raise NotImplementedError
+
+    def call(self, verb: str, **params):
+        return self.client.call(verb, **params)
+
+    def image_dir(self, img: str) -> str:
+        return os.path.join(self.storage_root, self.sd, "images", img)
+
+    def create_volume(self, img: str, parent: str | None = None) -> str:
+        return create_volume(self.client, self.sd, img, parent=parent, size=DISK_SIZE,
+                             desc="demo")
+
+    # --- the VM -------------------------------------------------------------------
+
+    def create_vm(self) -> DemoVm:
+        img = str(uuid.uuid4())
+        base = self.create_volume(img)
+        vm_id = str(uuid.uuid4())
+        vm = DemoVm(vm_id, f"{self.vm_prefix}{vm_id[:8]}", img, [base], {base: "base"})
+        self.call("VM.create", vmID=vm.id, vmParams=self.vm_params(vm))
+        return vm
+
+    def vm_params(self, vm: DemoVm) -> dict:
+        """VM.create's vmParams of the VM as an engine knows it: on the leaf vm.chain[-1]."""
+        return {"vmName": vm.name, "memSize": 64, "devices": [
+            {"device": "disk", "domainID": self.sd, "imageID": vm.img,
+             "volumeID": vm.chain[-1]}]}
+
+    def dom(self, vm: DemoVm) -> libvirt.virDomain:
+        return self.conn.lookupByUUIDString(vm.id)
+
+    def snapshot(self, vm: DemoVm) -> str:
+        new = self.create_volume(vm.img, parent=vm.chain[-1])
+        self.call("VM.snapshot", vmID=vm.id, snapDrives=[
+            {"domainID": self.sd, "imageID": vm.img, "baseVolumeID": vm.chain[-1],
+             "volumeID": new}])
+        vm.labels[new] = f"snap{len(vm.labels)}"
+        vm.chain.append(new)
+        return new
+
+    def guest_write(self, vm: DemoVm, pattern: int, offset: int, length: int) -> Write:
+        """What a guest would write, through QEMU (qemu-io in its monitor)."""
+        guestio.write(self.dom(vm), "vda", pattern, offset, length)
+        w = Write(pattern, offset, length, vm.label(vm.chain[-1]))
+        vm.writes.append(w)
+        return w
+
+    def merge(self, vm: DemoVm, base: str, top: str, bandwidth: int) -> str:
+        return self.call("VM.merge", vmID=vm.id, baseVolUUID=base, topVolUUID=top,
+                         bandwidth=bandwidth,
+                         drive={"domainID": self.sd, "imageID": vm.img, "volumeID": vm.chain[-1]})
+
+    def vm_jobs(self, vm: DemoVm) -> dict:
+        return self.call("VM.getStats", vmID=vm.id)[0].get("vmJobs") or {}
+
+    def libvirt_job_running(self, vm: DemoVm) -> bool:
+        return self.dom(vm).blockJobInfo("vda", 0) != {}
+
+    def live_chain(self, vm: DemoVm) -> list[str]:
+        return chains.live_chain(self.dom(vm))
+
+
+class Stage(VmActions):
+    """The stage of `make demo`: an agent of its own, a localfs domain."""
+
     def __init__(self, state_dir: str):
         self.state_dir = os.path.abspath(state_dir)
         self.storage_root = os.path.join(self.state_dir, "storage")
@@ -151,9 +226,6 @@ class Stage:
     def client(self) -> Client:
         return self.agent.client
 
-    def call(self, verb: str, **params):
-        return self.agent.client.call(verb, **params)
-
     # --- storage ----------------------------------------------------------------
 
     def create_domain(self) -> None:
@@ -165,58 +237,5 @@ class Stage:
         with storage_hidden(self.storage_root):
             yield
 
-    def image_dir(self, img: str) -> str:
-        return os.path.join(self.storage_root, self.sd, "images", img)
-
-    def create_volume(self, img: str, parent: str | None = None) -> str:
-        return create_volume(self.client, self.sd, img, parent=parent, size=DISK_SIZE,
-                             desc="demo")
-
     def domain_valid(self) -> bool:
         return self.call("Host.getStorageRepoStats", domains=[self.sd])[self.sd]["valid"]
-
-    # --- the VM -------------------------------------------------------------------
-
-    def create_vm(self) -> DemoVm:
-        img = str(uuid.uuid4())
-        base = self.create_volume(img)
-        vm_id = str(uuid.uuid4())
-        name = f"{self.vm_prefix}{vm_id[:8]}"
-        self.call("VM.create", vmID=vm_id, vmParams={
-            "vmName": name, "memSize": 64,
-            "devices": [{"device": "disk", "domainID": self.sd, "imageID": img,
-                         "volumeID": base}]})
-        return DemoVm(vm_id, name, img, [base], {base: "base"})
-
-    def dom(self, vm: DemoVm) -> libvirt.virDomain:
-        return self.conn.lookupByUUIDString(vm.id)
-
-    def snapshot(self, vm: DemoVm) -> str:
-        new = self.create_volume(vm.img, parent=vm.chain[-1])
-        self.call("VM.snapshot", vmID=vm.id, snapDrives=[
-            {"domainID": self.sd, "imageID": vm.img, "baseVolumeID": vm.chain[-1],
-             "volumeID": new}])
-        vm.labels[new] = f"snap{len(vm.labels)}"
-        vm.chain.append(new)
-        return new
-
-    def guest_write(self, vm: DemoVm, pattern: int, offset: int, length: int) -> Write:
-        """What a guest would write, through QEMU (qemu-io in its monitor)."""
-        guestio.write(self.dom(vm), "vda", pattern, offset, length)
-        w = Write(pattern, offset, length, vm.label(vm.chain[-1]))
-        vm.writes.append(w)
-        return w
-
-    def merge(self, vm: DemoVm, base: str, top: str, bandwidth: int) -> str:
-        return self.call("VM.merge", vmID=vm.id, baseVolUUID=base, topVolUUID=top,
-                         bandwidth=bandwidth,
-                         drive={"domainID": self.sd, "imageID": vm.img, "volumeID": vm.chain[-1]})
-
-    def vm_jobs(self, vm: DemoVm) -> dict:
-        return self.call("VM.getStats", vmID=vm.id)[0].get("vmJobs") or {}
-
-    def libvirt_job_running(self, vm: DemoVm) -> bool:
-        return self.dom(vm).blockJobInfo("vda", 0) != {}
-
-    def live_chain(self, vm: DemoVm) -> list[str]:
-        return [n.volume for n in domxml.live_disks(self.dom(vm).XMLDesc(0))["vda"].chain]

@@ -26,7 +26,7 @@ from vmhost.api.schema import load_schema
 from vmhost.cli.client import wait_for_job
 from vmhost.demo import views
 from vmhost.demo.report import Report
-from vmhost.demo.stage import DemoVm, Stage, Write
+from vmhost.demo.stage import DemoVm, Stage, VmActions, Write
 from vmhost.storage import qemu_img
 from vmhost.testing import guestio
 from vmhost.testing.waiting import wait_for
@@ -46,16 +46,16 @@ def start(stage: Stage, r: Report) -> None:
     r.say(f"storage domain: a directory, {stage.storage_root}")
     vm = stage.vm = stage.create_vm()
     r.say(f"VM {vm.name} running: 64 MiB RAM, one 128 MiB disk (volume 'base'), no guest OS")
-    _write(stage, r, vm, 0x11, 0, 1)
+    write(stage, r, vm, 0x11, 0, 1)
     # Each snapshot gets data: what a merge of it has to copy.
     for pattern, offset, mib in ((0x22, 8, 16), (0x33, 24, 1), (0x44, 26, 8)):
         stage.snapshot(vm)
         r.say(f"snapshot: the guest now writes into {vm.label(vm.chain[-1])} "
               f"(chain {vm.names(vm.chain)})")
-        _write(stage, r, vm, pattern, offset, mib)
+        write(stage, r, vm, pattern, offset, mib)
 
 
-def _write(stage: Stage, r: Report, vm: DemoVm, pattern: int, offset_mib: int, mib: int) -> None:
+def write(stage: VmActions, r: Report, vm: DemoVm, pattern: int, offset_mib: int, mib: int) -> None:
     w = stage.guest_write(vm, pattern, offset_mib * MiB, mib * MiB)
     r.say(f"guest writes {mib} MiB of {pattern:#04x} at {offset_mib} MiB (lands in {w.into})")
 
@@ -99,12 +99,12 @@ def crash(stage: Stage, r: Report) -> None:
     base, top = vm.chain[-2], vm.chain[-1]
     # More data than QEMU copies in its first burst (16 MiB), then 4 MiB/s:
     # a few seconds in which the merge is surely still copying.
-    _write(stage, r, vm, 0x55, 64, 32)
+    write(stage, r, vm, 0x55, 64, 32)
     job = stage.merge(vm, base, top, bandwidth=4)
     r.say(f"active merge of {vm.label(top)} into {vm.label(base)} started, slowed to 4 MiB/s")
-    entry = wait_for(lambda: _copying(stage.vm_jobs(vm).get(job)), 30, "the merge to copy")
+    entry = wait_for(lambda: copying(stage.vm_jobs(vm).get(job)), 30, "the merge to copy")
     stage.kill_agent()
-    r.say(f"agent killed with SIGKILL at {_percent(entry)}% of the copy")
+    r.say(f"agent killed with SIGKILL at {percent(entry)}% of the copy")
     r.check(stage.libvirt_job_running(vm), "QEMU goes on copying without the agent")
     with stage.storage_hidden():
         r.say("storage domain unreachable: an empty tmpfs now hides its directory")
@@ -113,7 +113,7 @@ def crash(stage: Stage, r: Report) -> None:
                 "more than 15s")
         entry = wait_for(lambda: stage.vm_jobs(vm).get(job), 15, "the job in vmJobs")
         r.check(entry["state"] in ("commit", "ready"),
-                f"vmJobs still shows the merge: {entry['state']}, {_percent(entry)}%")
+                f"vmJobs still shows the merge: {entry['state']}, {percent(entry)}%")
         wait_for(lambda: stage.domain_valid() is False, 15, "the domain to turn INVALID")
         r.say("Host.getStorageRepoStats: the storage domain is not valid")
         pending = wait_for(lambda: [p for p in stage.call("Host.getPendingWork")
@@ -131,11 +131,11 @@ def crash(stage: Stage, r: Report) -> None:
             f"chain {vm.names(vm.chain)}", outcome.get("error", outcome["state"]))
 
 
-def _copying(entry: dict | None) -> dict | None:
+def copying(entry: dict | None) -> dict | None:
     return entry if entry and 0 < int(entry.get("cur", 0)) < int(entry.get("end", 0)) else None
 
 
-def _percent(entry: dict) -> int:
+def percent(entry: dict) -> int:
     end = int(entry.get("end", 0))
     return int(entry.get("cur", 0)) * 100 // end if end else 0
 
@@ -145,7 +145,7 @@ def synchronize(stage: Stage, r: Report) -> None:
     vm = stage.vm
     for pattern, offset in ((0x66, 46), (0x77, 48)):
         stage.snapshot(vm)
-        _write(stage, r, vm, pattern, offset, 1)
+        write(stage, r, vm, pattern, offset, 1)
     base, top = vm.chain[-3], vm.chain[-2]
     d = stage.image_dir(vm.img)
     stage.dom(vm).blockCommit("vda", os.path.join(d, base), os.path.join(d, top), 0,
@@ -175,9 +175,9 @@ def cold_merge_step(stage: Stage, r: Report) -> None:
         return
     from vmhost.cli.client import wait_for_host_job   # comes with SDM.merge
     vm = stage.create_vm()
-    _write(stage, r, vm, 0x88, 0, 1)
+    write(stage, r, vm, 0x88, 0, 1)
     stage.snapshot(vm)
-    _write(stage, r, vm, 0x99, 1, 1)
+    write(stage, r, vm, 0x99, 1, 1)
     stage.call("VM.destroy", vmID=vm.id)
     base, top = vm.chain
     r.say(f"VM {vm.name} stopped; its chain stays {vm.names(vm.chain)}")
@@ -211,6 +211,11 @@ def _reads_back_offline(path: str, w: Write) -> bool:
 
 def final_views(stage: Stage, r: Report) -> None:
     r.section("6. the four views of the chain, and the guest's data")
+    views_agree_and_data_reads_back(stage, r)
+
+
+def views_agree_and_data_reads_back(stage: VmActions, r: Report) -> None:
+    """The table of the four views of stage.vm's chain, and its guest writes read back."""
     vm = stage.vm
     seen = views.four_views(stage, vm)
     for row in views.table(vm, seen):

@@ -181,7 +181,8 @@ class PosixStorageDomain(FileStorageDomain):
             raise errors.GeneralError(f"lease {name} on {self.uuid}: {e}") from None
         for owner, (state, io_timeout) in states.items():
             if state not in ("dead", "free"):
-                expiry = f"{8 * io_timeout + 60} s" if io_timeout else "8 x io_timeout + 60 s"
+                expiry = (f"{sanlock.host_dead_seconds(io_timeout)} s" if io_timeout
+                          else "8 x io_timeout + 60 s")
                 raise errors.AcquireLockFailure(
                     f"lease {name} on {self.uuid} is held by another host (host id {owner}, "
                     f"{state}); a dead host's leases expire {expiry} after its last renewal")

@@ -21,6 +21,9 @@ LEASE_SIZE = MiB        # one delta-lease area or paxos lease, 512-byte sectors,
 # A paxos lease another host holds or is acquiring (IDLIVE, OWNED, OTHER): for the
 # short-held lease of a resource index, a retry succeeds.
 CONTENDED = frozenset({243, 244, 245})
+# The watchdog's fire timeout: sanlock waits for it before calling a host dead,
+# even when no watchdog runs.
+WATCHDOG_FIRE_TIMEOUT = 60
 
 
 class SanlockError(Exception):
@@ -161,6 +164,12 @@ def host_state(lockspace: str, host_id: int) -> tuple[str, int]:
     if not hosts:
         return "unknown", 0
     return names.get(hosts[0]["flags"], "unknown"), int(hosts[0].get("io_timeout", 0))
+
+
+def host_dead_seconds(io_timeout: int) -> int:
+    """How long after a host's last delta-lease renewal sanlock calls it dead and
+    gives its leases to others: 8 io_timeouts, then the watchdog's fire timeout."""
+    return 8 * io_timeout + WATCHDOG_FIRE_TIMEOUT
 
 
 @dataclasses.dataclass(frozen=True)

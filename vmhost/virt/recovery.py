@@ -16,7 +16,7 @@ from typing import Callable
 import libvirt
 
 from vmhost import errors
-from vmhost.virt import domxml
+from vmhost.virt import domread, domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.merge import Merger, MergeJob
 from vmhost.virt.registry import VmRegistry
@@ -42,9 +42,12 @@ class VmRecovery:
         conn = self._conn()
         found: dict[str, tuple[Vm, libvirt.virDomain]] = {}
         states = _all_states(conn)
-        for dom in conn.listAllDomains(0):
+        for read in domread.read_all(conn.listAllDomains(0)):
+            dom = read.dom
             try:
-                vm = self._recover_one(conn, dom, states.get(dom.UUIDString()))
+                if read.error is not None:
+                    raise read.error
+                vm = self._recover_one(conn, dom, read.payload, states.get(dom.UUIDString()))
             except libvirt.libvirtError as e:
                 if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue  # went away while we listed
@@ -90,10 +93,8 @@ class VmRecovery:
         log.error("domain %s: cannot be recovered, left alone: %s", uuid, reason)
         self._publish({"event": "vm_recovery_error", "vmId": uuid, "error": reason})
 
-    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain,
+    def _recover_one(self, conn: libvirt.virConnect, dom: libvirt.virDomain, payload: str | None,
                      state: tuple[int, int] | None = None) -> Vm | None:
-        xml = dom.XMLDesc(0)
-        payload = domxml.read_metadata(xml)
         if payload is None:
             return None  # not ours
         try:
@@ -123,7 +124,7 @@ class VmRecovery:
         # was switching leaves, or a block job.
         stale = sorted(set(definition.pending_sync) | set(Merger.tracked_drives(vm)))
         if stale:
-            changed = vm.apply_live_chain(domxml.live_disks(xml), stale)
+            changed = vm.apply_live_chain(domxml.live_disks(dom.XMLDesc(0)), stale)
             if changed or definition.pending_sync:
                 definition.pending_sync = []
                 vm.persist(conn)
