@@ -231,6 +231,8 @@ def write_report(out_dir: str, reports: str, run: dict | None) -> str:
     parts = [header(results, run), "## Targets", "", targets_table(results), ""]
     if run:
         parts += ["## Run", "", run_table(run), ""]
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "findings.md")) as f:
+        parts += [f.read().rstrip(), ""]
     for name in SECTIONS:
         if name not in results:
             parts += [f"## {name}", "", "Not measured: the script failed (see the run table).",
