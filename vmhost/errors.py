@@ -58,11 +58,13 @@ class DestinationVolumeTooSmall(VmhostError):
 
 class GenerationMismatch(VmhostError):
     """A volume's GEN is not the one the caller read (VDSM's fencing of
-    storage jobs). Code 100: VDSM's own code for it was not verified."""
-    code = 100
-    message = "Generation mismatch"
+    storage jobs; its storage exception of the same name, code 911)."""
+    code = 911
+    message = "The provided generation does not match the actual generation"
 
 
+# VDSM's host-job errors (vdsm.jobs.ClientError and kin) carry no code of their
+# own: its API answers them as a general exception, code 100, as these do.
 class JobExists(VmhostError):
     """A host job with this id is known (VDSM's jobs.JobExistsError)."""
     code = 100

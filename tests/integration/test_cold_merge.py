@@ -78,9 +78,10 @@ def test_cold_merges_of_a_destroyed_vm_report_progress_and_keep_every_write(env,
     # The bulk of what the commit copies, written offline into mid.
     offline_write(env, img, mid, g.reference, 0x5c, 64 * MiB, BIG_DATA - 128 * MiB)
     gen0 = gen(env, img, base)
-    with pytest.raises(RpcError, match=f"GEN {gen0}.*expects {gen0 + 1}"):
+    with pytest.raises(RpcError, match=f"GEN {gen0}.*expects {gen0 + 1}") as refused:
         env.call("SDM.merge", job_id=str(uuid.uuid4()),
                  subchain_info=subchain(env, img, base, mid, base_generation=gen0 + 1))
+    assert refused.value.code == 911       # VDSM's GenerationMismatch
 
     # Aborted before its commit completed: the chain stays as it was.
     aborted = str(uuid.uuid4())
