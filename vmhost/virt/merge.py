@@ -21,10 +21,13 @@ State table (recovery = what a restarted agent does; it is the same step):
 | COMMIT   | blockCommit was called                  | job present: report cur/end; active and <mirror            |
 |          |                                         | ready='yes'> -> READY. job absent -> CLEANUP               |
 | READY    | active job ready for a pivot            | needs the domain VALID (the marker must be writable right  |
-|          |                                         | after the pivot). -> PIVOT (paused_for_pivot unless the VM |
-|          |                                         | is already paused)                                         |
-| PIVOT    | before pausing the VM and the pivot     | job present and ready: pause the VM, lift the bandwidth    |
-|          |                                         | limit, pivot, wait until the live chain shows base as leaf |
+|          |                                         | after the pivot) and a pivot slot (pivotslots.py; waits    |
+|          |                                         | with the guest running). -> PIVOT (paused_for_pivot unless |
+|          |                                         | the VM is already paused)                                  |
+| PIVOT    | before pausing the VM and the pivot     | job present and ready: pause the VM, hold the image lease  |
+|          |                                         | (shared domain; not to be had: no pivot), lift the         |
+|          |                                         | bandwidth limit, pivot, wait until the live chain shows    |
+|          |                                         | base as leaf                                               |
 |          |                                         | -> CLEANUP (the VM stays paused). Pivot error: resume,     |
 |          |                                         | -> READY and retry with backoff, or past the time budget   |
 |          |                                         | -> ABORTING. Job absent -> CLEANUP                         |
