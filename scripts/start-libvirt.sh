@@ -6,12 +6,15 @@ URI=qemu:///system
 if virsh -c $URI version >/dev/null 2>&1; then
     exit 0
 fi
-pgrep -x virtlogd >/dev/null || virtlogd -d || true
+# Our daemons are the ones of this /run: `pgrep` would also see the libvirtd and
+# virtlogd of `vmhost lab` hosts (other mount namespaces, their own /run).
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive /run/virtlogd.pid || virtlogd -d || true
 # A stale pid file from a killed daemon would block the new one.
-if [ -f /run/libvirtd.pid ] && ! kill -0 "$(cat /run/libvirtd.pid)" 2>/dev/null; then
+if [ -f /run/libvirtd.pid ] && ! alive /run/libvirtd.pid; then
     rm -f /run/libvirtd.pid
 fi
-if ! pgrep -x libvirtd >/dev/null; then
+if ! alive /run/libvirtd.pid; then
     setsid python3 scripts/subreaper.py libvirtd \
         >>/var/log/libvirt/libvirtd.stderr 2>&1 </dev/null &
 fi

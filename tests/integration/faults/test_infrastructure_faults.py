@@ -19,8 +19,10 @@ pytestmark = pytest.mark.faults   # run by `make faults`, not `make test`
 
 
 def libvirtd_pid() -> int:
-    out = subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True, text=True).stdout
-    return int(out.split()[0])
+    # This machine's libvirtd, by its pid file: `pgrep` would also find the
+    # libvirtd of a `vmhost lab` host (another mount namespace).
+    with open("/run/libvirtd.pid") as f:
+        return int(f.read().strip())
 
 
 def restart_libvirtd() -> None:
