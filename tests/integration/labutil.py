@@ -11,7 +11,7 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, VM_PREFIX
 from vmhost.client import Client
 from vmhost.ids import BLANK_UUID
 from vmhost.lab.lab import Lab
@@ -50,6 +50,12 @@ def create_volume(c: Client, sd: str, img: str, parent: str | None = None) -> st
            volFormat="COW", preallocate="SPARSE", diskType="DATA", desc="failover",
            srcImgUUID=img if parent else BLANK_UUID, srcVolUUID=parent or BLANK_UUID)
     return vol
+
+
+def vm_params(vm: str, sd: str, img: str, leaf: str) -> dict:
+    """VM.create's vmParams of a one-disk test VM, as the engine knows it: on `leaf`."""
+    return {"vmName": VM_PREFIX + vm[:8], "memSize": 64, "devices": [
+        {"device": "disk", "domainID": sd, "imageID": img, "volumeID": leaf}]}
 
 
 def chain_views(c: Client, conn: libvirt.virConnect, vm: str, img_dir: str) -> list[list[str]]:

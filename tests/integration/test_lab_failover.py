@@ -15,9 +15,9 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import VM_PREFIX, wait_for
+from conftest import wait_for
 from labutil import (MiB, chain_views, create_volume, engine_start, lab_cli,  # noqa: F401
-                     lab_dir, lab_up, shared_domain)                # lab_dir: fixture
+                     lab_dir, lab_up, shared_domain, vm_params)             # lab_dir: fixture
 from vmhost.client import Client
 from vmhost.testing import guestio
 
@@ -32,8 +32,7 @@ def test_vm_restarts_on_another_host_once_the_dead_hosts_lease_expires(lab_dir, 
     img_dir = os.path.join(storage, sd, "images", img)
     try:
         base = create_volume(h1, sd, img)
-        params = {"vmName": VM_PREFIX + vm[:8], "memSize": 64, "devices": [
-            {"device": "disk", "domainID": sd, "imageID": img, "volumeID": base}]}
+        params = vm_params(vm, sd, img, base)
         h1.call("VM.create", vmID=vm, vmParams=params)
         guestio.write(conn1.lookupByUUIDString(vm), "vda", 0x11, 0, MiB)
         top = create_volume(h1, sd, img, parent=base)

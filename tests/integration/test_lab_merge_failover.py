@@ -35,10 +35,10 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import VM_PREFIX, wait_for
+from conftest import wait_for
 from labutil import (MiB, boot_with_failpoint, chain_views, create_volume,  # noqa: F401
                      engine_start, file_digests, lab_cli, lab_dir, lab_up,  # lab_dir: fixture
-                     read_metadata, shared_domain, wait_acquired)
+                     read_metadata, shared_domain, vm_params, wait_acquired)
 from scenario import record
 from vmhost.client import Client, RpcError, TransportError
 from vmhost.testing import guestio
@@ -96,8 +96,7 @@ def test_host_dies_during_merge_engine_restarts_vm_elsewhere(lab_dir, workdir, p
     writes: list[tuple[int, int, int]] = []
     try:
         base = create_volume(h1, sd, img)
-        params = {"vmName": VM_PREFIX + vm[:8], "memSize": 64, "devices": [
-            {"device": "disk", "domainID": sd, "imageID": img, "volumeID": base}]}
+        params = vm_params(vm, sd, img, base)
         h1.call("VM.create", vmID=vm, vmParams=params)
         dom1 = conn1.lookupByUUIDString(vm)
         _write(dom1, writes, 0x11, 0, MiB)

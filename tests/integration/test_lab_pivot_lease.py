@@ -27,10 +27,10 @@ import uuid
 import libvirt
 import pytest
 
-from conftest import ROOT, VM_PREFIX, wait_for
+from conftest import ROOT, wait_for
 from labutil import (MiB, agent_pid, boot_with_failpoint, chain_views,  # noqa: F401
                      create_volume, file_digests, lab_dir, lab_up,  # lab_dir: fixture
-                     shared_domain, stopped)
+                     shared_domain, stopped, vm_params)
 from vmhost.client import Client, RpcError
 from vmhost.lab.lab import Lab
 from vmhost.testing import guestio
@@ -57,8 +57,7 @@ def test_a_vm_paused_for_its_pivot_keeps_its_image_to_its_host(lab_dir, workdir)
     agent = agent_pid(lab_dir, "host1")
     try:
         base = create_volume(h1, sd, img)
-        params = {"vmName": VM_PREFIX + vm[:8], "memSize": 64, "devices": [
-            {"device": "disk", "domainID": sd, "imageID": img, "volumeID": base}]}
+        params = vm_params(vm, sd, img, base)
         h1.call("VM.create", vmID=vm, vmParams=params)
         dom1 = conn1.lookupByUUIDString(vm)
         guestio.write(dom1, "vda", 0x11, 0, MiB)
@@ -106,11 +105,11 @@ def test_a_vm_paused_for_its_pivot_keeps_its_image_to_its_host(lab_dir, workdir)
 
 
 HOLDER = """
-import sys, time
+import signal, sys
 from vmhost.storage import sanlock_adapter as s
 s.acquire(*sys.argv[1:4], int(sys.argv[4]))
 print("held", flush=True)
-time.sleep(600)
+signal.pause()          # holds the lease until the test kills it
 """
 OWNERS = """
 import json, sys
