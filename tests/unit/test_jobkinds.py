@@ -193,3 +193,18 @@ def test_an_unreadable_agent_job_record_is_reported_and_kept(world):
     assert f"job {bad}: ValueError: unknown job kind 'teleport'" in recovered.recovery_error
     assert bad in recovered.definition.agent_jobs
     assert service.disksync.pending(recovered) == []
+
+
+def test_a_snapshot_whose_drives_cannot_be_read_back_keeps_its_record(svc):  # noqa: F811
+    service, vm, dom, storage, scheduler, log, chain = svc
+    new = U()
+    dom.switch_to = new             # QEMU switches, then the connection dies
+    with pytest.raises(Exception, match="End of file"):
+        service.snapshot(vm.id, [{"domainID": SD, "imageID": IMG, "baseVolumeID": chain[-1],
+                                  "volumeID": new}])
+    (job,) = service.snapshots.readable(vm)
+    assert job.drives == ["vda"] and vm.stale_drives == {"vda"}
+    dom.dead = False                # the scheduled re-read resolves it
+    assert scheduler.items[f"resync/{vm.id}"]() is DONE
+    assert service.snapshots.readable(vm) == [] and vm.definition.agent_jobs == {}
+    assert vm.definition.drives[0].volume_ids() == chain + [new]

@@ -123,7 +123,7 @@ class VmRecovery:
             return None
         vm = Vm(definition, *status_from_state(*(state or dom.state())))
         _upgrade_legacy(definition)
-        bad = {**_bad_job_records(definition.jobs, lambda rec: MergeJob.from_record(rec)),
+        bad = {**_bad_job_records(definition.jobs, MergeJob.from_record),
                **_bad_job_records(definition.agent_jobs, _agent_job)}
         if bad:
             # Reported on the VM and kept as they are (a newer agent may read

@@ -14,6 +14,7 @@ import libvirt
 
 from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
+from vmhost.jobs.store import VmJobStore
 from vmhost.refs import PreparedImage
 from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.virt import domxml
@@ -21,7 +22,6 @@ from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.merge import MergeConfig, Merger, Repairs
 from vmhost.virt.registry import VmRegistry
-from vmhost.jobs.store import VmJobStore
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotJob, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
 from vmhost.virt.vmdef import RESUME_BEHAVIORS, Drive, VmDefinition
