@@ -112,5 +112,5 @@ def test_finding3_synchronize_disks_skips_a_drive_with_a_live_job(svc):
     result = service.synchronize_disks(vm.id)
     assert "live merge job" in result["vda"]["skipped"]
     assert not [e for e in log if e[0] == "sync"]      # only the job touches its storage
-    assert vm.definition.storage_sync == {}
+    assert service.disksync.pending(vm) == []
     assert job in vm.definition.jobs

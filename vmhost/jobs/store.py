@@ -2,9 +2,11 @@
 announces (write-ahead), so a restarted agent finds each job in the state
 whose step it has to run (again).
 
-- VmJobStore: a VM-bound job's record is in the VM definition
-  (`definition.jobs`, by job id), persisted into the libvirt domain's
-  metadata: it travels with the domain and needs no storage.
+- VmJobStore: a VM-bound job's record is in the VM definition (by job id:
+  `definition.jobs` for the live merge, `definition.agent_jobs` for the
+  agent's own kinds, which share it and are told apart by "kind"),
+  persisted into the libvirt domain's metadata: it travels with the domain
+  and needs no storage.
 - DomainJobStore: a storage job's record is a file on its storage domain
   (`<domain>/jobs/<job>.json`, written atomically), so any host that sees
   the domain finds it.
@@ -39,29 +41,45 @@ class JobStore(Protocol[R]):
 
 
 class VmJobStore(Generic[R]):
-    """The records of one job kind in VM definitions. Callers hold the VM's lock."""
+    """The records of one job kind in VM definitions, in the map named
+    `field` (kinds that write "kind" may share one and each sees only its
+    own records). Callers hold the VM's lock."""
 
-    def __init__(self, kind: type[R], persist: Callable[["Vm"], None]):
+    def __init__(self, kind: type[R], persist: Callable[["Vm"], None], field: str = "jobs"):
         self.kind = kind
         self._persist = persist
+        self._field = field
+
+    def _map(self, vm: "Vm") -> dict[str, dict]:
+        return getattr(vm.definition, self._field)
+
+    def _mine(self, rec: object) -> bool:
+        # (a record without "kind" is any kind's, as Record.upgrade reads it)
+        return isinstance(rec, dict) and (not self.kind.WRITES_KIND
+                                          or rec.get("kind", self.kind.KIND) == self.kind.KIND)
 
     def records(self, vm: "Vm") -> list[dict]:
         """The raw records, unreadable ones included (reports show them as they are)."""
-        return [r for r in list(vm.definition.jobs.values()) if isinstance(r, dict)]
+        return [r for r in list(self._map(vm).values()) if self._mine(r)]
 
     def get(self, vm: "Vm", job_id: str) -> R | None:
-        rec = vm.definition.jobs.get(job_id)
+        rec = self._map(vm).get(job_id)
         return None if rec is None else self.kind.from_record(rec)
 
     def readable(self, vm: "Vm") -> list[R]:
         """The jobs whose records recovery could read (vm.bad_jobs lists the others)."""
-        return [self.kind.from_record(r) for k, r in list(vm.definition.jobs.items())
-                if k not in vm.bad_jobs]
+        return [self.kind.from_record(r) for k, r in list(self._map(vm).items())
+                if k not in vm.bad_jobs and self._mine(r)]
+
+    def put(self, vm: "Vm", job: R) -> None:
+        """The record in memory only: the caller persists it together with
+        other changes of the definition, in one write."""
+        self._map(vm)[job.id] = job.to_record()
 
     def save(self, vm: "Vm", job: R) -> None:
         """Persist the record; if libvirt cannot store it, memory keeps the old one."""
-        previous = vm.definition.jobs.get(job.id)
-        vm.definition.jobs[job.id] = job.to_record()
+        previous = self._map(vm).get(job.id)
+        self.put(vm, job)
         state = job.job_state.value
         failpoints.hit(f"{job.KIND}.save.{state}.before")
         try:
@@ -73,7 +91,7 @@ class VmJobStore(Generic[R]):
 
     def take(self, vm: "Vm", job_id: str) -> dict | None:
         """Remove the record from memory only (the caller persists, or puts it back)."""
-        return vm.definition.jobs.pop(job_id, None)
+        return self._map(vm).pop(job_id, None)
 
     def remove(self, vm: "Vm", job_id: str) -> None:
         """Remove the record and persist; memory keeps it if libvirt cannot store that."""
@@ -84,13 +102,12 @@ class VmJobStore(Generic[R]):
             self.put_back(vm, job_id, rec)
             raise
 
-    @staticmethod
-    def put_back(vm: "Vm", job_id: str, rec: dict | None) -> None:
+    def put_back(self, vm: "Vm", job_id: str, rec: dict | None) -> None:
         """Undo take/save in memory: the record is `rec` again (None: absent)."""
         if rec is None:
-            vm.definition.jobs.pop(job_id, None)
+            self._map(vm).pop(job_id, None)
         else:
-            vm.definition.jobs[job_id] = rec
+            self._map(vm)[job_id] = rec
 
 
 class DomainJobStore(Generic[R]):

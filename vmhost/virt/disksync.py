@@ -2,24 +2,79 @@
 agree with the chain QEMU runs, for every drive of a VM (VM.synchronizeDisks).
 
 The VM's view is fixed at once from libvirt's live XML. The storage half
-needs the domain to be VALID: each drive's repair is recorded in the VM
-definition (persisted in the libvirt metadata, together with the leaf the
-storage chain must be walked from) before it is tried, and a repair that
-cannot run now is a scheduler item that runs when the domain turns VALID, or
-after an agent restart (recovery re-submits the recorded repairs).
+needs the domain to be VALID: each drive's repair is a small job
+(vmhost.jobs) whose record, in the VM definition's agent jobs, is persisted
+in the libvirt metadata together with the new VM view and the leaf the
+storage chain must be walked from, before it is tried; a repair that cannot
+run now is a scheduler item that runs when the domain turns VALID, or after
+an agent restart (recovery re-submits the recorded repairs):
+
+  state    written                          what ends it
+  PENDING  with the VM view, before the     the storage chain synced (the
+           storage write (one record per    record is removed), or a live
+           drive: a second request keeps    merge job started on the drive
+           the first one's leaf)            (it owns the drive's storage)
+
+The record's id is derived from the VM and the drive, so a drive has at
+most one. Definitions written before disk sync was a job carry
+`storageSync` (drive -> leaf) instead: `from_legacy` makes each entry a
+PENDING record.
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
+import uuid
 from typing import Callable, Protocol
 
 from vmhost import errors
+from vmhost.jobs.record import Record
 from vmhost.jobs.runner import Outside, act_outside
+from vmhost.jobs.store import VmJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
 from vmhost.virt import domxml
 from vmhost.virt.vm import DOWN, Vm
 
 log = logging.getLogger(__name__)
+
+# Names the ids of disk sync jobs (uuid5 of "<vm>/<drive>").
+_ID_SPACE = uuid.UUID("6f1d3b0e-5a52-4c1e-9d0f-0d5c2a7e4b11")
+
+
+class DiskSyncState(enum.Enum):
+    PENDING = "PENDING"
+
+
+@dataclasses.dataclass
+class DiskSyncJob(Record):
+    KIND = "disksync"
+    VERSION = 1
+    STATES = DiskSyncState
+    UUID_FIELDS = ("id", "leaf")
+
+    id: str
+    drive: str      # libvirt target ("vda")
+    leaf: str       # the leaf the storage chain is walked from
+    state: DiskSyncState = DiskSyncState.PENDING
+
+    @staticmethod
+    def id_of(vm_id: str, drive: str) -> str:
+        return str(uuid.uuid5(_ID_SPACE, f"{vm_id}/{drive}"))
+
+    @classmethod
+    def for_drive(cls, vm_id: str, drive: str, leaf: str) -> "DiskSyncJob":
+        return cls(id=cls.id_of(vm_id, drive), drive=drive, leaf=leaf)
+
+    @classmethod
+    def from_legacy(cls, vm_id: str, legacy: dict) -> list["DiskSyncJob"]:
+        """The jobs an old definition's `storageSync` stood for."""
+        return [cls.for_drive(vm_id, drive, leaf)
+                for drive, leaf in sorted((legacy.get("storageSync") or {}).items())]
+
+    def check(self) -> None:
+        if not isinstance(self.drive, str) or not self.drive:
+            raise ValueError(f"disk sync job record drive must be a drive name: {self.drive!r}")
 
 
 class SyncStorage(Protocol):
@@ -37,6 +92,8 @@ class DiskSynchronizer:
         self._scheduler = scheduler
         self._vm_lookup = vm_lookup
         self._xml_of = xml_of
+        self.store: VmJobStore[DiskSyncJob] = VmJobStore(DiskSyncJob, persist,
+                                                          field="agent_jobs")
         self._persist = persist
         self._busy = busy    # drives with a live job: only the job touches them
 
@@ -60,7 +117,8 @@ class DiskSynchronizer:
                     continue
                 names.append(drive.name)
                 # Walk the storage chain from the leaf the storage last knew.
-                vm.definition.storage_sync.setdefault(drive.name, drive.volume)
+                if self._job(vm, drive.name) is None:
+                    self.store.put(vm, DiskSyncJob.for_drive(vm.id, drive.name, drive.volume))
             vm.apply_live_chain(live, names)
             self._persist(vm)   # the VM view and the pending repairs, before storage
             for drive in vm.definition.drives:
@@ -81,11 +139,14 @@ class DiskSynchronizer:
 
     def resume(self, vm: Vm) -> None:
         """After recovery: re-submit the repairs recorded in the VM definition."""
-        for name in vm.definition.storage_sync:
-            self._submit(vm.id, name)
+        for job in self.store.readable(vm):
+            self._submit(vm.id, job.drive)
 
     def pending(self, vm: Vm) -> list[str]:
-        return sorted(vm.definition.storage_sync)
+        return sorted(job.drive for job in self.store.readable(vm))
+
+    def _job(self, vm: Vm, drive: str) -> DiskSyncJob | None:
+        return self.store.get(vm, DiskSyncJob.id_of(vm.id, drive))
 
     def _submit(self, vm_id: str, drive: str) -> None:
         self._scheduler.submit(f"disksync/{vm_id}/{drive}",
@@ -94,7 +155,7 @@ class DiskSynchronizer:
 
     def _run(self, vm_id: str, drive: str) -> Outcome:
         vm = self._vm_lookup(vm_id)
-        if vm is None or vm.status == DOWN or drive not in vm.definition.storage_sync:
+        if vm is None or vm.status == DOWN or self._job(vm, drive) is None:
             return DONE
         return self._repair_drive(vm, drive, None)
 
@@ -102,14 +163,13 @@ class DiskSynchronizer:
         """Decide under the VM lock, write storage without it, re-check and
         persist under it again (vmhost.jobs.runner)."""
         with vm.lock:
-            walk_from = vm.definition.storage_sync.get(name)
-            if walk_from is None:
+            job = self._job(vm, name)
+            if job is None:
                 return DONE
-            drive = vm.definition.drive(name)
+            walk_from, drive = job.leaf, vm.definition.drive(name)
             if name in self._busy(vm):
                 # A job started since: it owns the drive's storage now.
-                del vm.definition.storage_sync[name]
-                self._persist(vm)
+                self.store.remove(vm, job.id)
                 return DONE
             domain, image, actual = drive.domain, drive.image, drive.volume_ids()
         if not self._storage.domain_valid(domain):
@@ -126,15 +186,14 @@ class DiskSynchronizer:
         with vm.lock:
             if vm.status == DOWN:
                 return DONE
-            if (vm.definition.storage_sync.get(name),
-                    vm.definition.drive(name).volume_ids()) != work.expect:
+            job = self._job(vm, name)
+            if (job and job.leaf, vm.definition.drive(name).volume_ids()) != work.expect:
                 return Wait(0.0)     # changed meanwhile: decide again
             return work.then(case)
 
     def _synced(self, vm: Vm, name: str, case: str, result: dict | None) -> Outcome:
-        """The repair is done (VM lock held): the write-ahead entry goes."""
-        del vm.definition.storage_sync[name]
-        self._persist(vm)
+        """The repair is done (VM lock held): the write-ahead record goes."""
+        self.store.remove(vm, DiskSyncJob.id_of(vm.id, name))
         if result is not None:
             result[name]["storage"] = case
         log.info("VM %s drive %s: storage metadata in sync (%s)", vm.id, name, case)

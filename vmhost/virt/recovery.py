@@ -6,6 +6,13 @@ from that metadata, and only drives with a pending chain change (a snapshot
 or a block job) are re-read from the live XML. No storage access. A domain
 that cannot be recovered is reported (log, event) and left alone; one VM never
 stops the recovery of the others.
+
+Recovery is the one path that resumes every VM-bound job kind: the
+write-ahead fields of older definitions become job records first
+(`_upgrade_legacy`); a snapshot job is resolved here from the live XML (its
+record removed); live merge and disk sync jobs are handed to their modules
+once the VM is registered. An unreadable record of any kind is reported on
+the VM and kept as it is.
 """
 from __future__ import annotations
 
@@ -16,10 +23,13 @@ from typing import Callable
 import libvirt
 
 from vmhost import errors
+from vmhost.jobs.record import Record
+from vmhost.jobs.store import VmJobStore
 from vmhost.virt import domread, domxml
-from vmhost.virt.disksync import DiskSynchronizer
+from vmhost.virt.disksync import DiskSynchronizer, DiskSyncJob
 from vmhost.virt.merge import Merger, MergeJob
 from vmhost.virt.registry import VmRegistry
+from vmhost.virt.snapshot import SnapshotJob
 from vmhost.virt.vm import DOWN, Vm, status_from_state
 from vmhost.virt.vmdef import DefinitionError, VmDefinition
 
@@ -36,6 +46,8 @@ class VmRecovery:
         self._disksync = disksync
         self._publish = publish
         self._host_id = host_id
+        self._snapshots: VmJobStore[SnapshotJob] = VmJobStore(
+            SnapshotJob, persist=lambda vm: vm.persist(self._conn()), field="agent_jobs")
 
     def recover(self) -> int:
         """Rebuild VMs from libvirt alone; returns how many were recovered."""
@@ -110,7 +122,9 @@ class VmRecovery:
                         dom.UUIDString(), definition.host_id, self._host_id)
             return None
         vm = Vm(definition, *status_from_state(*(state or dom.state())))
-        bad = _bad_job_records(definition.jobs)
+        _upgrade_legacy(definition)
+        bad = {**_bad_job_records(definition.jobs, MergeJob.from_record),
+               **_bad_job_records(definition.agent_jobs, _agent_job)}
         if bad:
             # Reported on the VM and kept as they are (a newer agent may read
             # them): the VM is adopted, so the engine can still see and stop it;
@@ -122,11 +136,14 @@ class VmRecovery:
                            "error": vm.recovery_error})
         # Only drives with a tracked change are asked about: a snapshot that
         # was switching leaves, or a block job.
-        stale = sorted(set(definition.pending_sync) | set(Merger.tracked_drives(vm)))
+        snapshots = self._snapshots.readable(vm)
+        switching = {name for job in snapshots for name in job.drives}
+        stale = sorted(switching | set(Merger.tracked_drives(vm)))
         if stale:
             changed = vm.apply_live_chain(domxml.live_disks(dom.XMLDesc(0)), stale)
-            if changed or definition.pending_sync:
-                definition.pending_sync = []
+            if changed or snapshots:
+                for job in snapshots:   # resolved: the live XML is the answer
+                    self._snapshots.take(vm, job.id)
                 vm.persist(conn)
             log.info("VM %s: re-read chains of %s from libvirt", vm.id, ", ".join(stale))
         return vm
@@ -171,13 +188,34 @@ def _foreign(payload: str, host_id: str) -> bool:
     return bool(owner) and owner != host_id
 
 
-def _bad_job_records(jobs: dict) -> dict[str, str]:
+def _upgrade_legacy(definition: VmDefinition) -> None:
+    """The old write-ahead fields (`pendingSync`, `storageSync`) as job
+    records, in memory: the next persist writes the new format."""
+    legacy = definition.legacy
+    jobs: list[Record] = [*SnapshotJob.from_legacy(legacy),
+                          *DiskSyncJob.from_legacy(definition.vm_id, legacy)]
+    for job in jobs:
+        definition.agent_jobs.setdefault(job.id, job.to_record())
+    definition.legacy = {}
+
+
+_AGENT_KINDS: dict[str, type[Record]] = {k.KIND: k for k in (SnapshotJob, DiskSyncJob)}
+
+
+def _agent_job(rec: dict) -> Record:
+    kind = _AGENT_KINDS.get(rec.get("kind"))   # type: ignore[arg-type]
+    if kind is None:
+        raise ValueError(f"unknown job kind {rec.get('kind')!r}")
+    return kind.from_record(rec)
+
+
+def _bad_job_records(jobs: dict, parse: Callable[[dict], object]) -> dict[str, str]:
     bad = {}
     for job_id, rec in jobs.items():
         try:
             if not isinstance(rec, dict):
                 raise ValueError("not an object")
-            MergeJob.from_record(dict(rec))
+            parse(dict(rec))
         except (ValueError, TypeError, KeyError, errors.VmhostError) as e:
             bad[job_id] = f"{type(e).__name__}: {e}"
     return bad

@@ -14,6 +14,7 @@ import libvirt
 
 from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
+from vmhost.jobs.store import VmJobStore
 from vmhost.refs import PreparedImage
 from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.virt import domxml
@@ -21,7 +22,7 @@ from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.merge import MergeConfig, Merger, Repairs
 from vmhost.virt.registry import VmRegistry
-from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotTarget, snapshot_xml
+from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotJob, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
 from vmhost.virt.vmdef import RESUME_BEHAVIORS, Drive, VmDefinition
 
@@ -55,6 +56,8 @@ class VmService:
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
                                          persist=lambda vm: vm.persist(self._conn()),
                                          busy=self.merger.busy_drives)
+        self.snapshots: VmJobStore[SnapshotJob] = VmJobStore(
+            SnapshotJob, persist=lambda vm: vm.persist(self._conn()), field="agent_jobs")
         self._scheduler = scheduler
 
     # --- lookup -----------------------------------------------------------
@@ -293,12 +296,10 @@ class VmService:
             if [d.volume_ids() for d, _ in again] != [d.volume_ids() for d, _ in drives]:
                 raise errors.SnapshotFailed(f"the chains of VM {vm_id} changed meanwhile")
             others = [d.name for d in vm.definition.drives if d.name not in names]
-            conn = self._conn()
-            dom = vm.domain(conn)
+            dom = vm.domain(self._conn())
             # Write-ahead: if we die after libvirt switched the leaves, recovery
-            # re-reads these drives from the live XML.
-            vm.definition.pending_sync = names
-            vm.persist(conn)
+            # re-reads these drives from the live XML (vmhost.virt.snapshot).
+            self.snapshots.save(vm, SnapshotJob.new(names))
             failpoints.hit("vm.snapshot.before")
             try:
                 dom.snapshotCreateXML(snapshot_xml(targets, others), SNAPSHOT_FLAGS)
@@ -314,14 +315,18 @@ class VmService:
         return {"quiesce": False}
 
     def _resync_drives(self, vm: Vm, names: list[str]) -> bool:
-        """Re-read the named drives from the live XML and persist (VM lock
-        held). On failure they stay stale (volume_in_use refuses their
-        image) and a scheduled item retries."""
+        """Re-read the named drives from the live XML and persist, with the
+        snapshot jobs that no stale drive keeps any more gone (VM lock held).
+        On failure they stay stale (volume_in_use refuses their image) and a
+        scheduled item retries."""
         try:
             conn = self._conn()
             live = domxml.live_disks(vm.domain(conn).XMLDesc(0))
             vm.apply_live_chain(live, names)
-            vm.definition.pending_sync = []
+            still = vm.stale_drives - set(names)
+            for job in self.snapshots.readable(vm):
+                if not still & set(job.drives):
+                    self.snapshots.take(vm, job.id)
             vm.persist(conn)
         except libvirt.libvirtError as e:
             log.warning("VM %s: cannot re-read drives %s: %s", vm.id, ", ".join(names), e)

@@ -1,6 +1,16 @@
 """The VM definition: what the agent knows about a VM, persisted in one place,
 the libvirt domain's <metadata>, so it survives an agent restart and travels
 with the domain. Each drive's chain is kept here once and nowhere else.
+
+Job records (vmhost.jobs) live in two maps: `jobs` holds the live merge's
+(VDSM's block job layout, what vmJobs reports), `agentJobs` the records of
+vmhost's own VM-bound kinds (snapshot, disk sync), each carrying its "kind".
+Definitions written before those kinds were jobs carry their write-ahead
+fields instead, `pendingSync` (drives a snapshot is switching) and
+`storageSync` (drive -> leaf of a pending storage repair): they are read
+into `legacy` and turned into records by recovery (each kind's
+`from_legacy`); they are never written again, so the next persist writes
+the new format.
 """
 from __future__ import annotations
 
@@ -58,12 +68,12 @@ class VmDefinition:
     jobs: dict[str, dict] = dataclasses.field(default_factory=dict)
     # The agent that runs the VM (its host id); recovery adopts only its own.
     host_id: str = ""
-    # Drives whose chain is being changed by a libvirt call (a snapshot) and
-    # must be re-read from the live XML if the agent dies in between.
-    pending_sync: list[str] = dataclasses.field(default_factory=list)
-    # Storage metadata repairs not done yet: drive name -> the leaf the
-    # storage chain is to be walked from (vmhost.virt.disksync).
-    storage_sync: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Records of the agent's own job kinds (vmhost.virt.snapshot,
+    # vmhost.virt.disksync), keyed by job id; never reported as vmJobs.
+    agent_jobs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # The old write-ahead fields as read ({"pendingSync": [...], "storageSync":
+    # {...}}), until recovery upgrades them into agent_jobs; never written.
+    legacy: dict = dataclasses.field(default_factory=dict)
 
     def drive(self, name: str) -> Drive:
         for d in self.drives:
@@ -82,8 +92,7 @@ class VmDefinition:
             "version": FORMAT_VERSION, "vmId": self.vm_id, "vmName": self.name,
             "memSize": self.mem_mib, "resumeBehavior": self.resume_behavior,
             "drives": [d.to_dict() for d in self.drives],
-            "jobs": self.jobs, "pendingSync": self.pending_sync,
-            "storageSync": self.storage_sync, "hostId": self.host_id,
+            "jobs": self.jobs, "agentJobs": self.agent_jobs, "hostId": self.host_id,
         }, sort_keys=True)
 
     @classmethod
@@ -96,10 +105,16 @@ class VmDefinition:
             return cls(vm_id=d["vmId"], name=d["vmName"], mem_mib=int(d["memSize"]),
                        drives=[Drive.from_dict(x) for x in d["drives"]],
                        resume_behavior=d.get("resumeBehavior", "auto_resume"),
-                       jobs=dict(d.get("jobs", {})), pending_sync=list(d.get("pendingSync", [])),
-                       storage_sync=dict(d.get("storageSync", {})),
-                       host_id=d.get("hostId", ""))
+                       jobs=dict(d.get("jobs", {})), agent_jobs=dict(d.get("agentJobs", {})),
+                       legacy=_legacy(d), host_id=d.get("hostId", ""))
         except DefinitionError:
             raise
         except (ValueError, KeyError, TypeError) as e:
             raise DefinitionError(f"bad VM definition: {e!r}") from None
+
+
+def _legacy(d: dict) -> dict:
+    """The old write-ahead fields that still hold work (empty ones are dropped)."""
+    legacy = {"pendingSync": list(d.get("pendingSync") or []),
+              "storageSync": dict(d.get("storageSync") or {})}
+    return {k: v for k, v in legacy.items() if v}
