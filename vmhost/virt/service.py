@@ -17,10 +17,11 @@ from vmhost.ids import check_uuid
 from vmhost.jobs.store import VmJobStore
 from vmhost.refs import PreparedImage
 from vmhost.scheduler import DONE, Retry, Scheduler
+from vmhost.storage.repairs import Repairs
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
-from vmhost.virt.merge import MergeConfig, Merger, Repairs
+from vmhost.virt.merge import MergeConfig, Merger
 from vmhost.virt.registry import VmRegistry
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotJob, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
@@ -55,7 +56,7 @@ class VmService:
         self.disksync = DiskSynchronizer(storage, scheduler, self.registry.get,
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
                                          persist=lambda vm: vm.persist(self._conn()),
-                                         busy=self.merger.busy_drives)
+                                         busy=self.merger.busy_drives, repairs=repairs)
         self.snapshots: VmJobStore[SnapshotJob] = VmJobStore(
             SnapshotJob, persist=lambda vm: vm.persist(self._conn()), field="agent_jobs")
         self._scheduler = scheduler
