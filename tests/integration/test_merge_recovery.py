@@ -39,6 +39,17 @@ def libvirt_ready(env, vm) -> bool:
     return mirror is not None and mirror.ready
 
 
+def pivot_behind_our_back(env, vm) -> libvirt.virDomain:
+    """The whole chain of vda committed into its base and pivoted, by libvirt
+    alone: the agent's definition and the storage metadata know nothing."""
+    dom = env.dom(vm)
+    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+                    | libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
+    wait_for(lambda: libvirt_ready(env, vm), 30, "ready")
+    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+    return dom
+
+
 def restart(env):
     env.agent = start_agent(env.agent.state_dir)
     return env.agent
@@ -146,11 +157,7 @@ def test_synchronize_disks_after_chain_changed_behind_the_agent(env, workdir):
 
 def test_synchronize_disks_pending_while_domain_down(env, workdir):
     vm, img, (base, mid, leaf), g = chain_vm(env, workdir, data_mib=8)
-    dom = env.dom(vm)
-    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-                    | libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
-    wait_for(lambda: libvirt_ready(env, vm), 30, "ready")
-    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)   # behind our back
+    pivot_behind_our_back(env, vm)
     assert env.live_chain(vm) == [base]
     with storage_hidden(env.storage_root):
         wait_for(lambda: env.call("Host.getStorageRepoStats")[env.sd]["valid"] is False, 10,
@@ -173,12 +180,8 @@ def test_a_pending_storage_repair_outlives_its_vm(env, workdir, gone):
     was down): the repair is not dropped, it runs offline once the domain is
     back, and the metadata says what QEMU ran."""
     vm, img, (base, mid, leaf), g = chain_vm(env, workdir, data_mib=8)
-    dom = env.dom(vm)
-    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-                    | libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
-    wait_for(lambda: libvirt_ready(env, vm), 30, "ready")
-    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)   # behind our back
-    wait_for(lambda: env.live_chain(vm) == [base], 10, "the pivot")
+    dom = pivot_behind_our_back(env, vm)
+    assert env.live_chain(vm) == [base]
     guestio.qemu_io(dom, "vda", "flush")
     base_path = os.path.join(env.image_dir(img), base)
     with storage_hidden(env.storage_root):

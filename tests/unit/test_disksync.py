@@ -55,8 +55,16 @@ def test_a_repair_whose_drive_changed_meanwhile_is_decided_again(svc):  # noqa: 
     assert due(service, vm) == {} and log[-1] == ("sync", chain[0], chain)
 
 
-def with_repairs(tmp_path):
-    return make_svc(lambda storage, scheduler: ImageRepairs(str(tmp_path), storage, scheduler))
+def pending_with_repairs(tmp_path):
+    """make_svc's tuple, after a VM.synchronizeDisks whose domain was not
+    VALID, with image repairs in `tmp_path`."""
+    world = make_svc(lambda storage, scheduler: ImageRepairs(str(tmp_path), storage, scheduler))
+    service, vm, dom, storage = world[:4]
+    storage.domain_valid = lambda sd: False
+    with pytest.raises(errors.StorageDomainUnavailable):
+        service.synchronize_disks(vm.id)
+    storage.domain_valid = lambda sd: True
+    return world
 
 
 def intents(tmp_path) -> list[str]:
@@ -64,28 +72,20 @@ def intents(tmp_path) -> list[str]:
 
 
 def test_a_pending_repair_is_written_ahead_to_the_state_dir_and_dropped_once_done(tmp_path):
-    service, vm, dom, storage, scheduler, log, chain = with_repairs(tmp_path)
+    service, vm, dom, storage, scheduler, log, chain = pending_with_repairs(tmp_path)
     job_id = DiskSyncJob.id_of(vm.id, "vda")
-    storage.domain_valid = lambda sd: False
-    with pytest.raises(errors.StorageDomainUnavailable):
-        service.synchronize_disks(vm.id)
     assert intents(tmp_path) == [job_id]
     assert due(service, vm) == {"vda": chain[-1]}
-    storage.domain_valid = lambda sd: True
     assert scheduler.items[f"disksync/{vm.id}/vda"]() is DONE
     assert due(service, vm) == {} and intents(tmp_path) == []
     assert log[-1] == ("sync", chain[-1], chain)
 
 
 def test_a_vm_that_goes_down_before_its_repair_leaves_it_to_run_offline(tmp_path):
-    service, vm, dom, storage, scheduler, log, chain = with_repairs(tmp_path)
+    service, vm, dom, storage, scheduler, log, chain = pending_with_repairs(tmp_path)
     job_id = DiskSyncJob.id_of(vm.id, "vda")
-    storage.domain_valid = lambda sd: False
-    with pytest.raises(errors.StorageDomainUnavailable):
-        service.synchronize_disks(vm.id)
     vm.status = DOWN
     service.registry.remove(vm.id)                 # destroyed and forgotten
-    storage.domain_valid = lambda sd: True
     assert scheduler.items[f"disksync/{vm.id}/vda"]() is DONE
     # The VM's item handed the repair on: it runs offline, from the leaf the
     # storage knew to the qcow2 chain of the VM's last leaf.
@@ -95,10 +95,7 @@ def test_a_vm_that_goes_down_before_its_repair_leaves_it_to_run_offline(tmp_path
 
 
 def test_an_intent_survives_an_agent_restart_with_the_vm_gone(tmp_path):
-    service, vm, dom, storage, scheduler, log, chain = with_repairs(tmp_path)
-    storage.domain_valid = lambda sd: False
-    with pytest.raises(errors.StorageDomainUnavailable):
-        service.synchronize_disks(vm.id)
+    service, vm, dom, storage, scheduler, log, chain = pending_with_repairs(tmp_path)
     job_id = DiskSyncJob.id_of(vm.id, "vda")
     pending = ImageRepair.from_dict(json.loads((tmp_path / "repairs" / f"{job_id}.json")
                                                .read_text()))
@@ -109,6 +106,5 @@ def test_an_intent_survives_an_agent_restart_with_the_vm_gone(tmp_path):
     assert restarted.has(job_id) and f"repair/{job_id}" not in scheduler.items
     # Found gone: the repair runs.
     restarted.resume(owned=set(), running_vms=set())
-    storage.domain_valid = lambda sd: True
     assert scheduler.items[f"repair/{job_id}"]() is DONE
     assert log[-1][0] == "offline sync" and intents(tmp_path) == []
