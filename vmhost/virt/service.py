@@ -215,10 +215,13 @@ class VmService:
             except libvirt.libvirtError as e:
                 if op == "resume" and e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY:
                     # libvirt gave the VM's lease up at the pause; another host took it
-                    # (and may run the VM): this QEMU must stay paused.
+                    # (and may run the VM): this QEMU must stay paused. (Or, for the
+                    # moment of a storage write, this agent holds the image's lease:
+                    # a merge's cleanup of a VM paused for another reason.)
                     vm.status, vm.pause_code = status_from_state(*dom.state())
                     raise errors.AcquireLockFailure(
-                        f"VM {vm_id} stays paused: its lease is held by another host: {e}") \
+                        f"VM {vm_id} stays paused: its lease is held by another host, or "
+                        f"for a moment by this agent's storage write (try again): {e}") \
                         from None
                 raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
             if vm.status == UP:
