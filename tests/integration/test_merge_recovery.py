@@ -12,7 +12,9 @@ import pytest
 
 from conftest import chain_with_data, start_agent, storage_hidden, wait_for
 from inotify import AccessCounter
+from vmhost.storage import qemu_img
 from vmhost.storage.metadata import Legality
+from vmhost.testing import guestio
 from vmhost.virt import domxml
 
 MiB = 1 << 20
@@ -35,6 +37,17 @@ def libvirt_job_gone(env, vm) -> bool:
 def libvirt_ready(env, vm) -> bool:
     mirror = domxml.live_disks(env.dom(vm).XMLDesc(0))["vda"].mirror
     return mirror is not None and mirror.ready
+
+
+def pivot_behind_our_back(env, vm) -> libvirt.virDomain:
+    """The whole chain of vda committed into its base and pivoted, by libvirt
+    alone: the agent's definition and the storage metadata know nothing."""
+    dom = env.dom(vm)
+    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+                    | libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
+    wait_for(lambda: libvirt_ready(env, vm), 30, "ready")
+    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+    return dom
 
 
 def restart(env):
@@ -144,11 +157,7 @@ def test_synchronize_disks_after_chain_changed_behind_the_agent(env, workdir):
 
 def test_synchronize_disks_pending_while_domain_down(env, workdir):
     vm, img, (base, mid, leaf), g = chain_vm(env, workdir, data_mib=8)
-    dom = env.dom(vm)
-    dom.blockCommit("vda", None, None, 0, libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
-                    | libvirt.VIR_DOMAIN_BLOCK_COMMIT_RELATIVE)
-    wait_for(lambda: libvirt_ready(env, vm), 30, "ready")
-    dom.blockJobAbort("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)   # behind our back
+    pivot_behind_our_back(env, vm)
     assert env.live_chain(vm) == [base]
     with storage_hidden(env.storage_root):
         wait_for(lambda: env.call("Host.getStorageRepoStats")[env.sd]["valid"] is False, 10,
@@ -162,6 +171,45 @@ def test_synchronize_disks_pending_while_domain_down(env, workdir):
     assert env.assert_four_views(vm, img) == [base]
     assert env.metadata(img, leaf).legality.value == "ILLEGAL"   # case 1: the old leaf
     g.assert_intact(img)
+
+
+@pytest.mark.parametrize("gone", ["destroyed", "gone at restart"])
+def test_a_pending_storage_repair_outlives_its_vm(env, workdir, gone):
+    """VM.synchronizeDisks while the domain is unreachable leaves the storage
+    half pending; the VM then goes (VM.destroy, or QEMU gone while the agent
+    was down): the repair is not dropped, it runs offline once the domain is
+    back, and the metadata says what QEMU ran."""
+    vm, img, (base, mid, leaf), g = chain_vm(env, workdir, data_mib=8)
+    dom = pivot_behind_our_back(env, vm)
+    assert env.live_chain(vm) == [base]
+    guestio.qemu_io(dom, "vda", "flush")
+    base_path = os.path.join(env.image_dir(img), base)
+    with storage_hidden(env.storage_root):
+        wait_for(lambda: env.call("Host.getStorageRepoStats")[env.sd]["valid"] is False, 10,
+                 "the domain to be INVALID")
+        with pytest.raises(Exception) as e:
+            env.call("VM.synchronizeDisks", vmID=vm)
+        assert e.value.code == 379
+        if gone == "destroyed":
+            env.call("VM.destroy", vmID=vm)
+        else:
+            env.agent.kill9()
+            dom.destroy()
+            restart(env)
+            wait_for(lambda: env.call("Host.getVMList") == [], 30, "recovery without the VM")
+        # The VM's item hands its repair on (at the VM's stop event, or at
+        # start-up): the image repair waits for the domain instead.
+        def kinds():
+            return sorted(p["key"].split("/")[0] for p in env.call("Host.getPendingWork")
+                          if p["key"].startswith(("repair/", "disksync/")))
+        wait_for(lambda: kinds() == ["repair"], 10, "the repair to be handed on")
+    wait_for(lambda: not env.call("Host.getPendingWork"), 30, "the offline repair to run")
+    # As the running VM's own repair would have left it (case 1: the old leaf
+    # is the pivot's marker), so no VM starts on the volume the guest left.
+    assert env.metadata(img, leaf).legality.value == "ILLEGAL"
+    assert env.metadata(img, base).legality.value == "LEGAL"
+    assert env.metadata(img, mid).legality.value == "ILLEGAL"
+    assert qemu_img.compare(g.reference, base_path), "a guest write is missing from the base"
 
 
 def test_job_record_from_another_host_is_resolved(env, workdir):

@@ -2,6 +2,7 @@
 restarts, run when the domain is VALID, dropped when handed over."""
 from __future__ import annotations
 
+import json
 import uuid
 
 from vmhost import errors
@@ -31,6 +32,9 @@ class Storage:
         if self.error:
             raise self.error
         return ["a"]
+
+    def repair_chain_sync(self, *args):
+        return self.repair_after_merge("sync", *args)
 
 
 def repair() -> ImageRepair:
@@ -86,3 +90,38 @@ def test_an_unreadable_intent_never_stops_the_agent(tmp_path):
         '{"version": 1, "key": "%s", "vm_id": "../x"}' % r.key)
     repairs = ImageRepairs(str(tmp_path), Storage(), Sched())
     assert repairs.pending() == [] and not repairs.has(r.key)
+
+
+def test_a_chain_sync_repair_round_trips_and_runs_as_a_sync(tmp_path):
+    storage, sched = Storage(), Sched()
+    chain = [U(), U()]
+    r = ImageRepair.chain_sync(U(), U(), U(), U(), walk_from=U(), chain=chain)
+    ImageRepairs(str(tmp_path), storage, Sched()).intend(r)
+    on_disk = json.loads((tmp_path / "repairs" / f"{r.key}.json").read_text())
+    # Version 2: an older agent (version 1 only) leaves it alone rather than
+    # taking it for a merge's repair.
+    assert on_disk["version"] == 2 and on_disk["kind"] == "sync"
+    again = ImageRepairs(str(tmp_path), storage, sched)
+    again.resume(owned=set(), running_vms=set())
+    assert sched.items[f"repair/{r.key}"]() is DONE
+    assert storage.calls[-1] == ("sync", r.domain, r.image, r.walk_from, chain[-1])
+
+
+def test_a_sync_the_metadata_no_longer_leads_to_is_dropped_not_retried(tmp_path):
+    storage, sched = Storage(), Sched()
+    repairs = ImageRepairs(str(tmp_path), storage, sched)
+    r = ImageRepair.chain_sync(U(), U(), U(), U(), walk_from=U(), chain=[U()])
+    repairs.intend(r)
+    repairs.start(r.key, "VM down")
+    storage.error = errors.InvalidParameter("live chain is not part of the storage chain")
+    assert sched.items[f"repair/{r.key}"]() is DONE
+    assert not repairs.has(r.key)
+
+
+def test_a_repair_of_an_unknown_kind_is_left_alone(tmp_path):
+    r = repair()
+    (tmp_path / "repairs").mkdir()
+    (tmp_path / "repairs" / f"{r.key}.json").write_text(
+        json.dumps({**r.to_dict(), "version": 2, "kind": "defrag"}))
+    repairs = ImageRepairs(str(tmp_path), Storage(), Sched())
+    assert not repairs.has(r.key)

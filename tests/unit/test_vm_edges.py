@@ -64,16 +64,27 @@ class Storage:
         self.log.append(("sync", leaf, list(actual)))
         return "in-sync"
 
+    def repair_chain_sync(self, sd, img, walk_from, leaf):
+        self.log.append(("offline sync", walk_from, leaf))
+        return self.chain
+
 
 @pytest.fixture
 def svc():
+    return make_svc()
+
+
+def make_svc(repairs=None):
+    """(service, vm, dom, storage, scheduler, log, chain); `repairs` takes
+    the storage and scheduler: (storage, scheduler) -> Repairs."""
     log: list = []
     chain = [U(), U()]
     dom = SnapDomain(log, chain)
     storage = Storage(log)
     storage.chain = list(chain)
     scheduler = FakeScheduler()
-    service = VmService(lambda: Conn(dom), storage, "qemu", scheduler)
+    service = VmService(lambda: Conn(dom), storage, "qemu", scheduler,
+                        repairs=repairs and repairs(storage, scheduler))
     vm = Vm(VmDefinition(vm_id=U(), name="t", mem_mib=64, drives=[Drive(
         name="vda", domain=SD, image=IMG,
         chain=[VolumeRef(SD, IMG, v, dom._path(v)) for v in chain])]))

@@ -1,4 +1,5 @@
-"""Image repairs that outlive the VM that needed them.
+"""Image repairs that outlive the VM that needed them: a merge job's storage
+work, and the storage half of a VM.synchronizeDisks still pending.
 
 A merge job keeps its record in the VM's libvirt metadata, and that record
 dies with QEMU (our domains are transient). The storage work a job still owes
@@ -23,6 +24,12 @@ the metadata is synced and, if the merge happened, the merged-away volumes
 become ILLEGAL and the base takes the top's capacity. If a VM of this host
 runs the image again by then, that VM owns the image (VM.synchronizeDisks):
 the repair is handed over and dropped.
+
+A chain sync (kind "sync", virt/disksync.py) lives the same way: its intent
+is written before the VM view changes and removed once the storage half is
+done; if the VM goes first, the repair syncs the metadata walked from the
+leaf the storage knew to the qcow2 chain of the VM's last leaf
+(StorageService.repair_chain_sync).
 """
 from __future__ import annotations
 
@@ -42,11 +49,15 @@ from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Schedul
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# Version 2 is written for the kinds a version-1 reader would take for a
+# merge's repair; such a reader leaves them alone.
+SYNC_FORMAT_VERSION = 2
+MERGE, SYNC = "merge", "sync"
 
 
 @dataclasses.dataclass
 class ImageRepair:
-    key: str                 # the merge job's id
+    key: str                 # the merge (or disk sync) job's id
     vm_id: str
     domain: str
     image: str
@@ -56,27 +67,62 @@ class ImageRepair:
     capacity: int            # the top's capacity (the base grows to it)
     reason: str = ""         # why it runs (set when the VM is gone)
     created: float = dataclasses.field(default_factory=time.time)
+    kind: str = MERGE        # SYNC: the storage half of VM.synchronizeDisks
+    leaf: str = ""           # SYNC: the VM's leaf (the qcow2 chain is walked from it)
+
+    @classmethod
+    def chain_sync(cls, key: str, vm_id: str, domain: str, image: str, walk_from: str,
+                   chain: list[str]) -> "ImageRepair":
+        """A drive's pending chain sync: `chain` is the VM's, base first."""
+        return cls(key=key, vm_id=vm_id, domain=domain, image=image, walk_from=walk_from,
+                   base=chain[0], merged=[], capacity=0, kind=SYNC, leaf=chain[-1])
 
     def to_dict(self) -> dict:
-        return {"version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        version = SYNC_FORMAT_VERSION if self.kind == SYNC else FORMAT_VERSION
+        return {"version": version, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageRepair":
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in (FORMAT_VERSION, SYNC_FORMAT_VERSION):
             raise ValueError(f"unknown image repair version {d.get('version')!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         repair = cls(**{k: v for k, v in d.items() if k in fields})
+        if repair.kind not in (MERGE, SYNC):
+            raise ValueError(f"unknown image repair kind {repair.kind!r}")
         for name in ("key", "vm_id", "domain", "image", "walk_from", "base"):
             check_uuid(getattr(repair, name), name)
+        if repair.kind == SYNC:
+            check_uuid(repair.leaf, "leaf")
         for vol in repair.merged:
             check_uuid(vol, "merged")
         return repair
+
+    def what(self) -> str:
+        job = "merge job" if self.kind == MERGE else "disk sync"
+        return f"storage repair of image {self.image} after {job} {self.key} of VM {self.vm_id}"
 
 
 class RepairStorage(Protocol):
     def repair_after_merge(self, sd_uuid: str, img_uuid: str, walk_from: str, base: str,
                            merged: list[str], capacity: int) -> list[str]: ...
+    def repair_chain_sync(self, sd_uuid: str, img_uuid: str, walk_from: str,
+                          leaf: str) -> list[str]: ...
     def domain_valid(self, sd_uuid: str) -> bool: ...
+
+
+class Repairs(Protocol):
+    """Where a job's storage work goes when its VM does (ImageRepairs)."""
+    def intend(self, repair: ImageRepair) -> None: ...
+    def has(self, key: str) -> bool: ...
+    def cancel(self, key: str) -> None: ...
+    def start(self, key: str, reason: str) -> bool: ...
+
+
+class NoRepairs:
+    def intend(self, repair: ImageRepair) -> None: pass
+    def has(self, key: str) -> bool: return False
+    def cancel(self, key: str) -> None: pass
+    def start(self, key: str, reason: str) -> bool: return False
 
 
 class ImageRepairs:
@@ -168,9 +214,7 @@ class ImageRepairs:
     # --- the work item --------------------------------------------------
 
     def _submit(self, repair: ImageRepair) -> None:
-        self._scheduler.submit(f"repair/{repair.key}",
-                               f"storage repair of image {repair.image} after merge job "
-                               f"{repair.key} of VM {repair.vm_id}",
+        self._scheduler.submit(f"repair/{repair.key}", repair.what(),
                                lambda: self._run(repair.key))
 
     def _run(self, key: str) -> Outcome:
@@ -183,15 +227,23 @@ class ImageRepairs:
                                        ("domain", repair.domain),
                                        lambda: self._storage.domain_valid(repair.domain)))
         try:
-            chain = self._storage.repair_after_merge(repair.domain, repair.image,
-                                                     repair.walk_from, repair.base,
-                                                     repair.merged, repair.capacity)
+            if repair.kind == SYNC:
+                chain = self._storage.repair_chain_sync(repair.domain, repair.image,
+                                                        repair.walk_from, repair.leaf)
+            else:
+                chain = self._storage.repair_after_merge(repair.domain, repair.image,
+                                                         repair.walk_from, repair.base,
+                                                         repair.merged, repair.capacity)
             outcome = "repaired"
         except errors.VolumeIsBusy as e:
             chain, outcome = [], f"handed over: {e}"
         except (errors.ImageFileNotFound, errors.StorageDomainDoesNotExist) as e:
             # The engine removed the volumes (or the domain) meanwhile.
             chain, outcome = [], f"nothing left to repair: {e}"
+        except errors.InvalidParameter as e:
+            # The metadata chain no longer leads to the VM's chain (the engine
+            # reconciled or replaced the image meanwhile): retrying cannot help.
+            chain, outcome = [], f"not applicable any more: {e}"
         except Exception as e:
             log.warning("image %s: storage repair failed: %s", repair.image, e)
             return Retry(f"storage repair of image {repair.image} failed: {e}")

@@ -609,17 +609,41 @@ class StorageService:
         (storage/repairs.py): an offline reconcile from the job's leaf, then,
         if the merge happened, what its cleanup would have done. Refused
         (VolumeIsBusy) while a VM of this host runs any volume of the image."""
-        image = self._image(sd_uuid, img_uuid)
-        busy = [v for v in image.domain.volumes(img_uuid)
-                if self.volume_in_use(sd_uuid, img_uuid, v)]
-        if busy:
-            raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM")
+        self._refuse_if_run(self._image(sd_uuid, img_uuid))
         chain = self.reconcile_chain(sd_uuid, img_uuid, walk_from)
         gone = [v for v in merged if v not in chain]
         if gone and base in chain:
             self.finish_merge(sd_uuid, img_uuid, base, gone, capacity,
                               base_is_leaf=chain[-1] == base)
         return chain
+
+    @_on_domain
+    def repair_chain_sync(self, sd_uuid: str, img_uuid: str, walk_from: str,
+                          leaf: str) -> list[str]:
+        """The storage half of a VM.synchronizeDisks whose VM went away before
+        it ran (storage/repairs.py). QEMU is gone, so the chain the VM ran is
+        what the qcow2 headers say from its last leaf; the metadata walked
+        from `walk_from`, the leaf the storage knew, is synced to it, as the
+        VM's own repair would have done (Image.sync_chain). Refused
+        (VolumeIsBusy) while a VM of this host runs any volume of the image:
+        that VM owns the image then. Returns the chain, base first."""
+        image = self._image(sd_uuid, img_uuid)
+        check_uuid(walk_from, "walk_from")
+        check_uuid(leaf, "leaf")
+        self._refuse_if_held(sd_uuid, img_uuid)
+        with self._image_lock(sd_uuid, img_uuid):
+            self._refuse_if_run(image)
+            with self._sole_writer(sd_uuid, img_uuid):
+                chain = self._qcow2_chain(image, leaf)
+                case = image.sync_chain(walk_from, chain)
+        log.info("image %s: metadata synced from %s to %s (%s)", img_uuid, walk_from, chain,
+                 case)
+        return chain
+
+    def _refuse_if_run(self, image: Image) -> None:
+        sd_uuid, img_uuid = image.domain.uuid, image.uuid
+        if any(self.volume_in_use(sd_uuid, img_uuid, v) for v in image.domain.volumes(img_uuid)):
+            raise errors.VolumeIsBusy(f"image {img_uuid} is used by a running VM")
 
     def domain_valid(self, sd_uuid: str) -> bool:
         return bool(self.domain_status(sd_uuid).valid)

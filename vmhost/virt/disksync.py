@@ -15,6 +15,13 @@ an agent restart (recovery re-submits the recorded repairs):
            drive: a second request keeps    merge job started on the drive
            the first one's leaf)            (it owns the drive's storage)
 
+Our domains are transient: the record dies with QEMU. So each repair also
+writes an intent to the agent's state dir (storage/repairs.py, kind "sync")
+before the record, and removes it after the record: a VM that goes down (or
+is gone at an agent restart) before its repair ran leaves the intent, and the
+repair runs offline when the domain is VALID (the metadata synced to the
+qcow2 chain of the VM's last leaf), so no pending repair is dropped.
+
 The record's id is derived from the VM and the drive, so a drive has at
 most one. Definitions written before disk sync was a job carry
 `storageSync` (drive -> leaf) instead: `from_legacy` makes each entry a
@@ -33,6 +40,7 @@ from vmhost.jobs.record import Record
 from vmhost.jobs.runner import Outside, act_outside
 from vmhost.jobs.store import VmJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
+from vmhost.storage.repairs import ImageRepair, NoRepairs, Repairs
 from vmhost.virt import domxml
 from vmhost.virt.vm import DOWN, Vm
 
@@ -87,8 +95,12 @@ class DiskSynchronizer:
     def __init__(self, storage: SyncStorage, scheduler: Scheduler,
                  vm_lookup: Callable[[str], Vm | None],
                  xml_of: Callable[[Vm], str], persist: Callable[[Vm], None],
-                 busy: Callable[[Vm], set[str]] = lambda vm: set()):
+                 busy: Callable[[Vm], set[str]] = lambda vm: set(),
+                 repairs: Repairs | None = None):
         self._storage = storage
+        # Where a repair goes if the VM does first: the records above live in
+        # the (transient) domain and die with it, the intents in the state dir.
+        self._repairs: Repairs = repairs or NoRepairs()
         self._scheduler = scheduler
         self._vm_lookup = vm_lookup
         self._xml_of = xml_of
@@ -120,6 +132,8 @@ class DiskSynchronizer:
                 if self._job(vm, drive.name) is None:
                     self.store.put(vm, DiskSyncJob.for_drive(vm.id, drive.name, drive.volume))
             vm.apply_live_chain(live, names)
+            for name in names:
+                self._repairs.intend(self._intent(vm, name))
             self._persist(vm)   # the VM view and the pending repairs, before storage
             for drive in vm.definition.drives:
                 result[drive.name]["after"] = drive.volume_ids()
@@ -138,8 +152,14 @@ class DiskSynchronizer:
         return result
 
     def resume(self, vm: Vm) -> None:
-        """After recovery: re-submit the repairs recorded in the VM definition."""
-        for job in self.store.readable(vm):
+        """After recovery: re-submit the repairs recorded in the VM definition
+        (with their intents, if an older agent wrote the records without)."""
+        with vm.lock:
+            jobs = self.store.readable(vm)
+            for job in jobs:
+                if not self._repairs.has(job.id):
+                    self._repairs.intend(self._intent(vm, job.drive))
+        for job in jobs:
             self._submit(vm.id, job.drive)
 
     def pending(self, vm: Vm) -> list[str]:
@@ -153,9 +173,21 @@ class DiskSynchronizer:
                                f"storage metadata repair of drive {drive} of VM {vm_id}",
                                lambda: self._run(vm_id, drive), topics=(("vm", vm_id),))
 
+    def _intent(self, vm: Vm, name: str) -> ImageRepair:
+        """What the drive's repair is if the VM goes away first (VM lock held)."""
+        job, drive = self._job(vm, name), vm.definition.drive(name)
+        assert job is not None
+        return ImageRepair.chain_sync(job.id, vm.id, drive.domain, drive.image,
+                                      walk_from=job.leaf, chain=drive.volume_ids())
+
     def _run(self, vm_id: str, drive: str) -> Outcome:
         vm = self._vm_lookup(vm_id)
-        if vm is None or vm.status == DOWN or self._job(vm, drive) is None:
+        if vm is None or vm.status == DOWN:
+            # The record goes with the domain; the intent carries the repair on.
+            self._repairs.start(DiskSyncJob.id_of(vm_id, drive),
+                                "the VM went down before its storage repair")
+            return DONE
+        if self._job(vm, drive) is None:
             return DONE
         return self._repair_drive(vm, drive, None)
 
@@ -170,6 +202,7 @@ class DiskSynchronizer:
             if name in self._busy(vm):
                 # A job started since: it owns the drive's storage now.
                 self.store.remove(vm, job.id)
+                self._repairs.cancel(job.id)
                 return DONE
             domain, image, actual = drive.domain, drive.image, drive.volume_ids()
         if not self._storage.domain_valid(domain):
@@ -185,6 +218,8 @@ class DiskSynchronizer:
     def _reenter(self, vm: Vm, name: str, work: Outside, case: str) -> Outcome:
         with vm.lock:
             if vm.status == DOWN:
+                # Storage is in sync; the record went with the domain.
+                self._repairs.cancel(DiskSyncJob.id_of(vm.id, name))
                 return DONE
             job = self._job(vm, name)
             if (job and job.leaf, vm.definition.drive(name).volume_ids()) != work.expect:
@@ -192,8 +227,12 @@ class DiskSynchronizer:
             return work.then(case)
 
     def _synced(self, vm: Vm, name: str, case: str, result: dict | None) -> Outcome:
-        """The repair is done (VM lock held): the write-ahead record goes."""
-        self.store.remove(vm, DiskSyncJob.id_of(vm.id, name))
+        """The repair is done (VM lock held): the write-ahead record goes, then
+        the intent (a restart between the two finds the VM without the record:
+        the intent is dropped)."""
+        job_id = DiskSyncJob.id_of(vm.id, name)
+        self.store.remove(vm, job_id)
+        self._repairs.cancel(job_id)
         if result is not None:
             result[name]["storage"] = case
         log.info("VM %s drive %s: storage metadata in sync (%s)", vm.id, name, case)

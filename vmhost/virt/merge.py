@@ -93,7 +93,7 @@ from vmhost.jobs.report import VmJobsReport, record_history
 from vmhost.jobs.runner import Outside as _Outside, run_steps
 from vmhost.jobs.store import UNREADABLE, VmJobStore
 from vmhost.scheduler import DONE, Blocked, Outcome, Requirement, Retry, Scheduler, Wait
-from vmhost.storage.repairs import ImageRepair
+from vmhost.storage.repairs import ImageRepair, NoRepairs, Repairs
 from vmhost.virt import domxml
 from vmhost.virt.jobhistory import JobHistory
 from vmhost.virt.pivotslots import DEFAULT_SLOTS, PivotSlots
@@ -223,21 +223,6 @@ class MergeStorage(Protocol):
     # written (no-op where there are no leases; 651 if another host has it).
     def hold_image(self, sd_uuid: str, img_uuid: str) -> None: ...
     def release_image(self, sd_uuid: str, img_uuid: str) -> None: ...
-
-
-class Repairs(Protocol):
-    """Where a job's storage work goes when its VM does (storage/repairs.py)."""
-    def intend(self, repair: ImageRepair) -> None: ...
-    def has(self, key: str) -> bool: ...
-    def cancel(self, key: str) -> None: ...
-    def start(self, key: str, reason: str) -> bool: ...
-
-
-class NoRepairs:
-    def intend(self, repair: ImageRepair) -> None: pass
-    def has(self, key: str) -> bool: return False
-    def cancel(self, key: str) -> None: pass
-    def start(self, key: str, reason: str) -> bool: return False
 
 
 @dataclasses.dataclass

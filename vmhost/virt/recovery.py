@@ -96,8 +96,10 @@ class VmRecovery:
         return len(found)
 
     def owned_jobs(self) -> set[str]:
-        """Ids of the job records that recovered VMs carry (their jobs own their images)."""
-        return {job_id for vm in self._registry.all() for job_id in vm.definition.jobs}
+        """Ids of the job records that recovered VMs carry (their jobs own their
+        images): live merges' and the agent's own kinds' (a disk sync's)."""
+        return {job_id for vm in self._registry.all()
+                for job_id in (*vm.definition.jobs, *vm.definition.agent_jobs)}
 
     def _unrecoverable(self, dom: libvirt.virDomain, reason: str) -> None:
         """Reported (log, event), never adopted."""

@@ -17,10 +17,11 @@ from vmhost.ids import check_uuid
 from vmhost.jobs.store import VmJobStore
 from vmhost.refs import PreparedImage
 from vmhost.scheduler import DONE, Retry, Scheduler
+from vmhost.storage.repairs import Repairs
 from vmhost.virt import domxml
 from vmhost.virt.disksync import DiskSynchronizer
 from vmhost.virt.jobhistory import JobHistory
-from vmhost.virt.merge import MergeConfig, Merger, Repairs
+from vmhost.virt.merge import MergeConfig, Merger
 from vmhost.virt.registry import VmRegistry
 from vmhost.virt.snapshot import SNAPSHOT_FLAGS, SnapshotJob, SnapshotTarget, snapshot_xml
 from vmhost.virt.vm import DOWN, PAUSED, UP, Vm, status_from_state
@@ -55,7 +56,7 @@ class VmService:
         self.disksync = DiskSynchronizer(storage, scheduler, self.registry.get,
                                          xml_of=lambda vm: vm.domain(self._conn()).XMLDesc(0),
                                          persist=lambda vm: vm.persist(self._conn()),
-                                         busy=self.merger.busy_drives)
+                                         busy=self.merger.busy_drives, repairs=repairs)
         self.snapshots: VmJobStore[SnapshotJob] = VmJobStore(
             SnapshotJob, persist=lambda vm: vm.persist(self._conn()), field="agent_jobs")
         self._scheduler = scheduler
@@ -214,10 +215,13 @@ class VmService:
             except libvirt.libvirtError as e:
                 if op == "resume" and e.get_error_code() == libvirt.VIR_ERR_RESOURCE_BUSY:
                     # libvirt gave the VM's lease up at the pause; another host took it
-                    # (and may run the VM): this QEMU must stay paused.
+                    # (and may run the VM): this QEMU must stay paused. (Or, for the
+                    # moment of a storage write, this agent holds the image's lease:
+                    # a merge's cleanup of a VM paused for another reason.)
                     vm.status, vm.pause_code = status_from_state(*dom.state())
                     raise errors.AcquireLockFailure(
-                        f"VM {vm_id} stays paused: its lease is held by another host: {e}") \
+                        f"VM {vm_id} stays paused: its lease is held by another host, or "
+                        f"for a moment by this agent's storage write (try again): {e}") \
                         from None
                 raise errors.GeneralError(f"{op} of VM {vm_id} failed: {e}") from None
             if vm.status == UP:
