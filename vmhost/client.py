@@ -219,7 +219,10 @@ class Client:
         except (BrokenPipeError, ConnectionResetError):
             # The agent may refuse a body early (413) and close; its answer
             # is still readable, and getresponse raises if there is none.
-            pass
+            # Unless the connection itself failed (an agent dying as we
+            # connect): then there is no answer to read.
+            if conn.sock is None:
+                raise
         response = conn.getresponse()
         data = response.read()
         if response.will_close:

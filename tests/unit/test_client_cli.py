@@ -193,6 +193,23 @@ def test_refusal_is_read_even_if_sending_failed(agent, monkeypatch):
         server.stop()
 
 
+def test_a_connection_reset_while_connecting_is_a_transport_error(agent, monkeypatch):
+    # An agent killed while a client connects: http.client connects inside
+    # request(); there is no socket, so no answer to read.
+    import http.client
+
+    def reset(self):
+        raise ConnectionResetError(104, "Connection reset by peer")
+    server = start_server(agent)
+    try:
+        with Client(f"http://127.0.0.1:{server.port}/jsonrpc", timeout=10) as client:
+            monkeypatch.setattr(http.client.HTTPConnection, "connect", reset)
+            with pytest.raises(TransportError, match="cannot talk to .*reset by peer"):
+                client.call("Host.ping")
+    finally:
+        server.stop()
+
+
 def test_wrong_path_is_an_rpc_error(server):
     with Client(f"http://127.0.0.1:{server.port}/rpc", timeout=10) as client:
         with pytest.raises(RpcError, match="no such path '/rpc'"):
