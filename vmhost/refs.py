@@ -26,3 +26,12 @@ class PreparedImage:
     """A chain ready for a VM: volumes base first, and the leaf's qemu format."""
     chain: list[VolumeRef]
     format: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedLeaf:
+    """A new leaf for a running VM's drive (a live snapshot): the volume, its
+    qemu format, and the volume its qcow2 header names as backing file."""
+    ref: VolumeRef
+    format: str
+    backing: str | None

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 
+import pytest
+
+from vmhost.client import RpcError
 from vmhost.ids import BLANK_UUID
 from vmhost.storage import qemu_img
 from vmhost.testing import guestio
@@ -90,3 +93,23 @@ def test_failed_snapshot_changes_no_chain(env):
     assert err is not None and getattr(err, "code", None) == 48
     assert env.agent_chain(vm, img_a) == env.live_chain(vm, "vda") == [a0]
     assert env.agent_chain(vm, img_b) == env.live_chain(vm, "vdb") == [b0]
+
+
+def test_a_new_leaf_that_is_not_a_child_of_the_drive_leaf_is_refused(env):
+    """The new volume's qcow2 header must name the drive's leaf as backing
+    file; the check reads that one volume (the chain below is QEMU's)."""
+    img = str(uuid.uuid4())
+    base = env.create_volume(img)
+    vm = env.create_vm([(img, base)])
+    mid = env.snapshot(vm, img, base)
+    sibling = env.create_volume(img, parent=base)       # a child of base, not of mid
+    damaged = env.create_volume(img, parent=mid)
+    with open(os.path.join(env.image_dir(img), damaged), "r+b") as f:
+        f.write(b"not a qcow2 header")
+    for new, why in ((sibling, f"is not a child of {mid}"),
+                     (damaged, "is not a usable qcow2 image")):
+        with pytest.raises(RpcError) as e:
+            env.call("VM.snapshot", vmID=vm, snapDrives=[
+                {"domainID": env.sd, "imageID": img, "baseVolumeID": mid, "volumeID": new}])
+        assert e.value.code == 48 and why in e.value.message, e.value
+    assert env.assert_four_views(vm, img) == [base, mid]

@@ -119,6 +119,22 @@ def test_prepare_refuses_illegal_unless_allowed(storage):
     assert len(storage.prepare_image(storage.sd, img, vols[1], allow_illegal=True).chain) == 2
 
 
+def test_prepare_leaf_reads_the_new_volume_only(storage):
+    img, vols = make_chain(storage, 3)
+    leaf = storage.prepare_leaf(storage.sd, img, vols[2])
+    assert (leaf.ref.volume, leaf.format, leaf.backing) == (vols[2], "qcow2", vols[1])
+    assert leaf.ref.path == storage.prepare_image(storage.sd, img, vols[2]).chain[-1].path
+    # The volumes below are not read: a damaged one does not matter here.
+    open(storage.prepare_image(storage.sd, img, vols[0]).chain[-1].path, "r+b").write(b"junk")
+    assert storage.prepare_leaf(storage.sd, img, vols[2]).backing == vols[1]
+    with pytest.raises(errors.InvalidParameter, match="not a usable qcow2 image"):
+        storage.prepare_leaf(storage.sd, img, vols[0])
+    dom = storage.domain(storage.sd)
+    dom.write_metadata(dom.read_metadata(img, vols[2]).replace(legality=Legality.ILLEGAL))
+    with pytest.raises(errors.PrepareIllegalVolume, match=vols[2]):
+        storage.prepare_leaf(storage.sd, img, vols[2])
+
+
 def _meta_files(storage, img) -> dict[str, bytes]:
     d = os.path.join(storage.root, storage.sd, "images", img)
     return {f: open(os.path.join(d, f), "rb").read() for f in os.listdir(d) if f.endswith(".meta")}

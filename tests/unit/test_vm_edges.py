@@ -8,7 +8,7 @@ import pytest
 
 from test_merge import IMG, SD, FakeDomain, FakeScheduler, U
 from vmhost import errors
-from vmhost.refs import PreparedImage, VolumeRef
+from vmhost.refs import PreparedImage, PreparedLeaf, VolumeRef
 from vmhost.virt.service import VmService
 from vmhost.virt.vm import Vm
 from vmhost.virt.vmdef import Drive, VmDefinition
@@ -53,6 +53,11 @@ class Storage:
         chain = self.chain + ([leaf] if leaf not in self.chain else [])
         return PreparedImage(chain=[VolumeRef(sd, img, v, f"/sd/{SD}/images/{IMG}/{v}")
                                     for v in chain], format="qcow2")
+
+    def prepare_leaf(self, sd, img, leaf):
+        parent = self.chain[-1] if leaf not in self.chain else self.chain[self.chain.index(leaf) - 1]
+        return PreparedLeaf(VolumeRef(sd, img, leaf, f"/sd/{SD}/images/{IMG}/{leaf}"), "qcow2",
+                            parent)
 
     def volume_info(self, sd, img, vol):
         return {"voltype": "LEAF", "capacity": str(1 << 20)}

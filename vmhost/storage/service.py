@@ -23,12 +23,12 @@ from typing import Callable, Iterator, TypeVar
 from vmhost import errors
 from vmhost.fsutil import atomic_write
 from vmhost.ids import BLANK_UUID, check_uuid
-from vmhost.refs import PreparedImage, VolumeRef
-from vmhost.storage import executor, qemu_img, sanlock_adapter as sanlock
+from vmhost.refs import PreparedImage, PreparedLeaf, VolumeRef
+from vmhost.storage import executor, qcow2, qemu_img, sanlock_adapter as sanlock
 from vmhost.storage.domain import DomainManifest, StorageDomain
 from vmhost.storage.filedomain import DOMAIN_TYPE as LOCALFS, FileStorageDomain
 from vmhost.storage.image import Image
-from vmhost.storage.metadata import (MAX_DESCRIPTION, MAX_DISKTYPE, Legality, Prealloc,
+from vmhost.storage.metadata import (MAX_DESCRIPTION, MAX_DISKTYPE, Legality, Prealloc, VolFormat,
                                      VolumeMetadata, check_text, parse_format, parse_prealloc)
 from vmhost.storage.monitor import DomainMonitor, DomainStatus
 from vmhost.storage.posixdomain import DOMAIN_TYPE as POSIXFS, PosixStorageDomain
@@ -515,6 +515,29 @@ class StorageService:
     @_on_domain
     def volume_chain(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> list[VolumeMetadata]:
         return self._image(sd_uuid, img_uuid).chain(check_uuid(leaf_uuid, "volumeID"))
+
+    @_on_domain
+    def prepare_leaf(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> PreparedLeaf:
+        """A new leaf a running VM's drive is to switch to (a live snapshot).
+        Only this volume is read, its metadata and its qcow2 header: the chain
+        below it is the one the VM runs already (prepare_image reads them all,
+        one qemu-img process walking every volume of the chain)."""
+        image = self._image(sd_uuid, img_uuid)
+        self._refuse_if_held(sd_uuid, img_uuid)
+        leaf = check_uuid(leaf_uuid, "volumeID")
+        md = image.volume(leaf)
+        if md.legality is not Legality.LEGAL:
+            raise errors.PrepareIllegalVolume(f"image {img_uuid} has ILLEGAL volume(s) {leaf}")
+        path = image.domain.volume_path(img_uuid, leaf)
+        try:
+            backing = qcow2.backing_volume(path) if md.format is VolFormat.COW else None
+        except qcow2.NotQcow2 as e:
+            raise errors.InvalidParameter(f"volume {leaf} is not a usable qcow2 image: {e}") \
+                from None
+        except FileNotFoundError:
+            raise errors.ImageFileNotFound(f"volume {leaf} of image {img_uuid} has no data "
+                                           "file") from None
+        return PreparedLeaf(VolumeRef(sd_uuid, img_uuid, leaf, path), md.format.qemu, backing)
 
     @_on_domain
     def prepare_image(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,

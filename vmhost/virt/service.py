@@ -15,7 +15,7 @@ import libvirt
 from vmhost import errors, failpoints
 from vmhost.ids import check_uuid
 from vmhost.jobs.store import VmJobStore
-from vmhost.refs import PreparedImage
+from vmhost.refs import PreparedImage, PreparedLeaf
 from vmhost.scheduler import DONE, Retry, Scheduler
 from vmhost.storage.repairs import Repairs
 from vmhost.virt import domxml
@@ -35,6 +35,7 @@ DRIVE_NAMES = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 class ImagePreparer(Protocol):
     def prepare_image(self, sd_uuid: str, img_uuid: str, leaf_uuid: str,
                       allow_illegal: bool = False) -> PreparedImage: ...
+    def prepare_leaf(self, sd_uuid: str, img_uuid: str, leaf_uuid: str) -> PreparedLeaf: ...
 
 
 class VmService:
@@ -380,8 +381,13 @@ class VmService:
         return drives
 
     def _snapshot_target(self, vm: Vm, drive: Drive, sd: dict) -> SnapshotTarget:
-        prepared = self._storage.prepare_image(sd["domainID"], sd["imageID"], sd["volumeID"])
-        if [v.volume for v in prepared.chain[:-1]] != drive.volume_ids():
+        # The new leaf's qcow2 header must name the drive's leaf: the chain
+        # below is what QEMU runs (the caller re-checks it under the VM lock).
+        try:
+            leaf = self._storage.prepare_leaf(sd["domainID"], sd["imageID"], sd["volumeID"])
+        except errors.InvalidParameter as e:     # a damaged header
+            raise errors.SnapshotFailed(str(e)) from None
+        if leaf.backing != drive.volume:
             raise errors.SnapshotFailed(
                 f"volume {sd['volumeID']} is not a child of {drive.volume}")
-        return SnapshotTarget(drive.name, prepared.chain[-1].path, prepared.format)
+        return SnapshotTarget(drive.name, leaf.ref.path, leaf.format)
